@@ -1,0 +1,49 @@
+# make help lists the targets. ARGS passes Hydra overrides: make run ARGS="scheduler=step optimizer.lr=0.1"
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+STORE ?= $(if $(MLFLOW_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+
+.PHONY: help install run sweep schedules test test-slow test-gpu bench ui lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+# The environment is made once, and again only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed  ## create .venv and install sweep (editable) with dev extras
+
+run: install  ## train once: make run ARGS="scheduler=cosine"
+	$(PY) -m sweep $(ARGS)
+
+sweep: install  ## Optuna search over schedules: make sweep ARGS="study.trials=20"
+	$(PY) -m sweep.study $(ARGS)
+
+schedules: install  ## plot schedules without training: make schedules ARGS="+schedules=all"
+	$(PY) -m sweep.schedules $(ARGS)
+
+test: install  ## the default test suite (fast; what CI runs)
+	$(PY) -m pytest
+
+test-slow: install  ## the longer tests
+	$(PY) -m pytest -m slow
+
+test-gpu: install  ## CUDA tests (skip without a GPU)
+	$(PY) -m pytest -m gpu
+
+bench: install  ## trainer overhead against a hand-written loop
+	$(PY) scripts/bench_trainer.py
+
+ui: install  ## open the MLflow UI on the store runs log to
+	$(VENV)/bin/mlflow ui --backend-store-uri $(STORE)
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check src tests scripts
+
+clean:  ## remove outputs, the local MLflow store and caches (keeps .venv)
+	rm -rf outputs multirun mlflow.db mlartifacts .pytest_cache .ruff_cache

@@ -1,0 +1,108 @@
+"""Time sweep's trainer against a plain hand-written PyTorch loop on the same work; print the ratio.
+
+Both sides load the same data, build the same model, see the same batches (same seed, same
+permutations) for the same epochs, and evaluate on the validation split after every epoch. The
+trainer side runs with MLflow logging on (a real SQLite store) and its progress bar off. Target:
+trainer / plain <= 1.10. Runs are interleaved and repeated; medians are reported.
+
+    python scripts/bench_trainer.py [--repeats 5] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sweep.config import compose
+from sweep.data import load_data, tensor_batches
+from sweep.models import build_model
+from sweep.track import mlflow_run
+from sweep.train import train
+
+CASES = {
+    # The BN article's MLP on its synthetic regression data: many tiny steps, so per-step
+    # overhead is what shows.
+    "mlp/synthetic_regression": ["model=mlp", "dataset=synthetic_regression", "optimizer=sgd",
+                                 "optimizer.momentum=0", "optimizer.lr=0.03", "scheduler=step",
+                                 "trainer.batch_size=50", "trainer.epochs=150"],
+    "cnn/digits": ["model=cnn", "dataset=digits", "optimizer=sgd", "scheduler=cosine",
+                   "trainer.batch_size=64", "trainer.epochs=8"],
+}
+
+
+def plain_loop(cfg, device: torch.device) -> float:
+    """What a person would write by hand: no schedule bookkeeping, no logging, no checks."""
+    torch.manual_seed(cfg.seed)
+    data = load_data(cfg.dataset)
+    model = build_model(cfg.model, data).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.optimizer.lr,
+                          momentum=cfg.optimizer.momentum)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=30, gamma=0.1)
+    loss_fn = F.cross_entropy if data.task == "classification" else F.mse_loss
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    xv, yv = data.x_val.to(device), data.y_val.to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.trainer.epochs):
+        model.train()
+        for xb, yb in tensor_batches(x, y, cfg.trainer.batch_size, True, gen):
+            loss = loss_fn(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        sched.step()
+        model.eval()
+        with torch.inference_mode():
+            val = loss_fn(model(xv), yv).item()
+    return val
+
+
+def trainer_run(cfg, device: torch.device) -> float:
+    with mlflow_run(cfg) as tracker:
+        result = train(cfg, tracker=tracker, output_dir=tempfile.gettempdir())
+    return result.final["val_loss"]
+
+
+def timed(fn, *args) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(*args)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    store = tempfile.mkdtemp(prefix="bench-mlflow-")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    for name, overrides in CASES.items():
+        cfg = compose([*overrides, f"trainer.device={args.device}", "trainer.progress=false",
+                       "trainer.amp=off"])
+        device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if args.device == "auto" else args.device)
+        trainer_run(cfg, device)  # warm-up: imports, the MLflow store's first migration
+        plain_loop(cfg, device)
+        plain, ours = [], []
+        for _ in range(args.repeats):
+            plain.append(timed(plain_loop, cfg, device))
+            ours.append(timed(trainer_run, cfg, device))
+        p, o = statistics.median(plain), statistics.median(ours)
+        print(f"{name:28s} plain {p:7.3f} s  sweep {o:7.3f} s  ratio {o / p:5.2f}  "
+              f"(medians of {args.repeats}; spread plain {min(plain):.3f}-{max(plain):.3f}, "
+              f"sweep {min(ours):.3f}-{max(ours):.3f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""Datasets as in-memory tensors, and the batching and augmentation the trainer runs on-device."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import inspect
+import math
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision.datasets
+from hydra.errors import InstantiationException
+from hydra.utils import get_method, instantiate
+from torch import Tensor
+from torchvision.datasets.utils import extract_archive
+
+from sweep.config import ConfigError, check_in_range, check_int_at_least, fail
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be loaded (files missing or corrupt); the message says the fix."""
+
+
+@dataclass
+class Data:
+    """One dataset's train/val tensors (on the CPU) and what models and the trainer need to know."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    task: str  # "regression": y float (N, num_outputs); "classification": y int64 (N,)
+    in_shape: tuple[int, ...]
+    num_outputs: int
+    name: str
+    augment: dict | None = None  # {"crop_padding": int, "hflip": bool}, images only
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the four tensors (the trainer keeps small datasets on the device)."""
+        tensors = (self.x_train, self.y_train, self.x_val, self.y_val)
+        return sum(t.element_size() * t.numel() for t in tensors)
+
+    def to(self, device: torch.device | str) -> Data:
+        """The same dataset with its tensors on `device` (batches are then sliced there)."""
+        moved = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_val", "y_val")}
+        return dataclasses.replace(self, **moved)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Optimizer steps in one epoch over the training split, the last partial batch included."""
+        return math.ceil(len(self.x_train) / batch_size)
+
+
+# --- configs -> objects --------------------------------------------------------------------------
+
+_HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+
+
+def instantiate_checked(cfg: Mapping, group: str, **runtime: Any) -> Any:
+    """Hydra's instantiate, but unknown keys and bad values raise ConfigError naming `group.key`."""
+    target = cfg.get("_target_")
+    if not target:
+        fail(f"{group}._target_", target, "every option needs a _target_ (a function to call)")
+    params = inspect.signature(get_method(target)).parameters
+    allowed = [p for p in params if p not in runtime]
+    for key in cfg:
+        if key not in _HYDRA_KEYS and key not in params:
+            fail(f"{group}.{key}", cfg[key], f"{target} takes only {', '.join(allowed)}")
+    try:
+        return instantiate(cfg, **runtime, _convert_="all")
+    except InstantiationException as e:
+        # Hydra wraps whatever the target raises; our own errors already say what to fix.
+        if isinstance(e.__cause__, ConfigError | DataError):
+            raise e.__cause__ from None
+        raise
+
+
+def load_data(cfg_dataset: Mapping) -> Data:
+    """Build the dataset a `conf/dataset/*.yaml` describes (`_target_: sweep.data.<function>`)."""
+    return instantiate_checked(cfg_dataset, "dataset")
+
+
+# --- validation and splitting --------------------------------------------------------------------
+
+def _check_split(val_fraction: float, train_size: int | None = None) -> None:
+    check_in_range("dataset.val_fraction", val_fraction, 0, 1, high_open=True)
+    if train_size is not None:
+        check_int_at_least("dataset.train_size", train_size, 1)
+
+
+def _check_augment(augment: Mapping | None, in_shape: tuple[int, ...]) -> dict | None:
+    if augment is None:
+        return None
+    if not isinstance(augment, Mapping) or set(augment) - {"crop_padding", "hflip"}:
+        fail("dataset.augment", augment, "null or {crop_padding: int >= 0, hflip: bool}")
+    if len(in_shape) != 3:
+        fail("dataset.augment", augment, f"only for images (C, H, W); this data is {in_shape}")
+    augment = {"crop_padding": augment.get("crop_padding", 0), "hflip": augment.get("hflip", False)}
+    check_int_at_least("dataset.augment.crop_padding", augment["crop_padding"], 0)
+    if not isinstance(augment["hflip"], bool):
+        fail("dataset.augment.hflip", augment["hflip"], "must be true or false")
+    return augment
+
+
+def _split(x: Tensor, y: Tensor, val_fraction: float, generator: torch.Generator,
+           train_size: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Seeded shuffle, then the first `val_fraction` of it is validation; the rest is training."""
+    n = len(x)
+    n_val = round(n * val_fraction)
+    if not 0 < n_val < n:
+        fail("dataset.val_fraction", val_fraction, f"must leave >= 1 sample in each split of {n}")
+    perm = torch.randperm(n, generator=generator)
+    # train_size trims only the training split, so val metrics stay comparable across sizes.
+    train, val = perm[n_val:][:train_size], perm[:n_val]
+    return x[train], y[train], x[val], y[val]
+
+
+# --- synthetic data (the BN article's generators) ------------------------------------------------
+
+def make_regression(n_samples: int, weights: Sequence[float], degree: int, bias: bool,
+                    noise: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The BN article's `tensorGenReg`: y = (x ** degree) @ w (+ b) + noise * randn."""
+    w = torch.tensor(list(weights), dtype=torch.float32).reshape(-1, 1)
+    b = 0.0
+    if bias:  # the last weight is the intercept and the features get a column of ones
+        w, b = w[:-1], w[-1]
+    x = torch.randn(n_samples, len(w), generator=generator)
+    y = x.pow(degree) @ w + b
+    if bias:
+        x = torch.cat([x, torch.ones(n_samples, 1)], dim=1)
+    y = y + torch.randn(y.shape, generator=generator) * noise
+    return x, y
+
+
+def synthetic_regression(n_samples: int = 1000, weights: Sequence[float] = (2, -1, 3, 1, 2),
+                         degree: int = 2, bias: bool = False, noise: float = 0.01, seed: int = 0,
+                         val_fraction: float = 0.3) -> Data:
+    """Polynomial regression from `make_regression`, split 70/30 like the article's split_loader."""
+    check_int_at_least("dataset.n_samples", n_samples, 2)
+    check_int_at_least("dataset.degree", degree, 1)
+    check_in_range("dataset.noise", noise, 0, math.inf, low_open=False)
+    _check_split(val_fraction)
+    if not weights or not all(isinstance(v, int | float) for v in weights):
+        fail("dataset.weights", weights, "a non-empty list of numbers")
+    if bias and len(weights) < 2:
+        fail("dataset.weights", weights, "with bias=true, at least one weight plus the bias")
+    g = torch.Generator().manual_seed(seed)
+    x, y = make_regression(n_samples, weights, degree, bias, noise, g)
+    return Data(*_split(x, y, val_fraction, g), task="regression", in_shape=(x.shape[1],),
+                num_outputs=1, name="synthetic_regression")
+
+
+def synthetic_classification(n_samples: int = 1000, n_features: int = 2, n_classes: int = 3,
+                             class_sep: float = 4.0, std: float = 2.0, seed: int = 0,
+                             val_fraction: float = 0.3) -> Data:
+    """Gaussian blobs like the article's `tensorGenCla`: class i is centred at i*class_sep - k."""
+    check_int_at_least("dataset.n_samples", n_samples, 2)
+    check_int_at_least("dataset.n_features", n_features, 1)
+    check_int_at_least("dataset.n_classes", n_classes, 2)
+    check_in_range("dataset.class_sep", class_sep, 0, math.inf, low_open=False)
+    check_in_range("dataset.std", std, 0, math.inf)
+    _check_split(val_fraction)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n_samples) % n_classes  # balanced classes
+    centre = y.float() * class_sep - class_sep * (n_classes - 1) / 2  # centred on the origin
+    x = centre[:, None] + std * torch.randn(n_samples, n_features, generator=g)
+    return Data(*_split(x, y, val_fraction, g), task="classification", in_shape=(n_features,),
+                num_outputs=n_classes, name="synthetic_classification")
+
+
+# --- image datasets ------------------------------------------------------------------------------
+
+def digits(val_fraction: float = 0.2, seed: int = 0, flatten: bool = False,
+           augment: Mapping | None = None) -> Data:
+    """scikit-learn's bundled 8x8 digits (1797 images, no download), normalised on train only."""
+    from sklearn.datasets import load_digits  # lazy: sklearn takes a second to import
+
+    in_shape = (64,) if flatten else (1, 8, 8)
+    _check_split(val_fraction)
+    augment = _check_augment(augment, in_shape)
+    bunch = load_digits()
+    x = torch.tensor(bunch.images, dtype=torch.float32).reshape(-1, *in_shape) / 16  # pixels 0..16
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    x_train, y_train, x_val, y_val = _split(x, y, val_fraction, torch.Generator().manual_seed(seed))
+    mean, std = x_train.mean(), x_train.std()  # train split only: val stays unseen
+    return Data((x_train - mean) / std, y_train, (x_val - mean) / std, y_val,
+                task="classification", in_shape=in_shape, num_outputs=10, name="digits",
+                augment=augment)
+
+
+# Per-channel pixel mean and std of each official training set (the usual published values).
+CHANNEL_STATS = {
+    "MNIST": ((0.1307,), (0.3081,)),
+    "FashionMNIST": ((0.2860,), (0.3530,)),
+    "CIFAR10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+def _archives(cls: type) -> list[tuple[str, str]]:
+    """(path under a torchvision root, md5) of each archive a torchvision dataset class needs."""
+    if hasattr(cls, "resources"):  # MNIST family: one .gz per file, under <ClassName>/raw/
+        return [(f"{cls.__name__}/raw/{name}", md5) for name, md5 in cls.resources]
+    return [(cls.filename, cls.tgz_md5)]  # CIFAR: one tarball at the root
+
+
+def _check_md5(path: Path, expected: str) -> None:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise DataError(f"{path}: md5 {digest.hexdigest()} is not torchvision's {expected} for "
+                        f"{path.name}; the archive is corrupt or truncated: replace it")
+
+
+def _extract(archive: Path, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    if archive.name.endswith(".tar.gz"):
+        extract_archive(archive, dest)
+        return
+    out = dest / archive.name.removesuffix(".gz")
+    part = out.with_name(out.name + ".part")  # rename at the end: no half-written file on a crash
+    with gzip.open(archive) as src, open(part, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    part.replace(out)
+
+
+def _not_found(cls: type, places: list[Path], missing: list[str]) -> str:
+    searched = ", ".join(str(p.resolve()) for p in places)
+    return (f"{cls.__name__} not found offline (dataset.download=false): searched {searched} "
+            f"for {', '.join(missing)} (torchvision's archives, or their extracted files). Fix: "
+            f"dataset.download=true (needs internet), or dataset.archives=<a folder holding those "
+            f"files at those paths> (or SWEEP_ARCHIVES).")
+
+
+def _open_torchvision(cls: type, root: Path, archives: str | Path | None, download: bool) -> Any:
+    try:  # already extracted or downloaded into root
+        return cls(str(root), train=True, download=False)
+    except RuntimeError:
+        pass
+    # torchvision with download=False wants the extracted files; offline users often have only the
+    # archives, maybe in a read-only folder: verify them and extract into our own root.
+    places = [root] + ([Path(archives).expanduser()] if archives else [])
+    found, missing = [], []
+    for rel, md5 in _archives(cls):
+        path = next((p / rel for p in places if (p / rel).is_file()), None)
+        if path is None:
+            missing.append(rel)
+        else:
+            found.append((path, md5, rel))
+    if not missing:
+        for path, md5, rel in found:
+            _check_md5(path, md5)
+            _extract(path, root / Path(rel).parent)
+        return cls(str(root), train=True, download=False)
+    if not download:
+        raise DataError(_not_found(cls, places, missing))
+    try:
+        return cls(str(root), train=True, download=True)
+    except Exception as e:  # no network, proxy, mirror down...
+        files = ", ".join(rel for rel, _ in _archives(cls))
+        raise DataError(f"downloading {cls.__name__} into {root.resolve()} failed: {e}\nWithout "
+                        f"internet, set dataset.download=false and dataset.archives=<a folder "
+                        f"holding {files}> (or SWEEP_ARCHIVES).") from e
+
+
+def official_train_set(name: str, root: str | Path = "data", archives: str | Path | None = None,
+                       download: bool = False) -> tuple[Tensor, Tensor]:
+    """A torchvision dataset's official training set: uint8 images (N, C, H, W), int64 labels."""
+    cls = getattr(torchvision.datasets, name)
+    ds = _open_torchvision(cls, Path(root).expanduser(), archives, download)
+    images = torch.as_tensor(ds.data)
+    # MNIST-like data is (N, H, W), CIFAR's (N, H, W, C).
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
+    return images, torch.as_tensor(ds.targets, dtype=torch.int64)
+
+
+def _torchvision_data(name: str, cls_name: str, root: str | Path, archives: str | Path | None,
+                      download: bool, val_fraction: float, seed: int, train_size: int | None,
+                      augment: Mapping | None) -> Data:
+    _check_split(val_fraction, train_size)
+    images, labels = official_train_set(cls_name, root, archives, download)
+    augment = _check_augment(augment, tuple(images.shape[1:]))
+    mean, std = (torch.tensor(s).view(-1, 1, 1) for s in CHANNEL_STATS[cls_name])
+    x = images.float().div_(255).sub_(mean).div_(std)
+    split = _split(x, labels, val_fraction, torch.Generator().manual_seed(seed), train_size)
+    return Data(*split, task="classification", in_shape=tuple(x.shape[1:]),
+                num_outputs=int(labels.max()) + 1, name=name, augment=augment)
+
+
+def mnist(root: str | Path = "data", archives: str | Path | None = None, download: bool = False,
+          val_fraction: float = 0.1, seed: int = 0, train_size: int | None = None,
+          augment: Mapping | None = None) -> Data:
+    """MNIST's 60000 training digits (1x28x28) split by seed; offline from .gz archives too."""
+    return _torchvision_data("mnist", "MNIST", root, archives, download, val_fraction, seed,
+                             train_size, augment)
+
+
+def fashion_mnist(root: str | Path = "data", archives: str | Path | None = None,
+                  download: bool = False, val_fraction: float = 0.1, seed: int = 0,
+                  train_size: int | None = None, augment: Mapping | None = None) -> Data:
+    """Fashion-MNIST's 60000 training images (1x28x28) split by seed, like `mnist`."""
+    return _torchvision_data("fashion_mnist", "FashionMNIST", root, archives, download,
+                             val_fraction, seed, train_size, augment)
+
+
+def cifar10(root: str | Path = "data", archives: str | Path | None = None, download: bool = False,
+            val_fraction: float = 0.1, seed: int = 0, train_size: int | None = None,
+            augment: Mapping | None = None) -> Data:
+    """CIFAR-10's 50000 training images (3x32x32) split by seed, like `mnist`."""
+    return _torchvision_data("cifar10", "CIFAR10", root, archives, download, val_fraction, seed,
+                             train_size, augment)
+
+
+# --- batching and augmentation (on the training device) ------------------------------------------
+
+def tensor_batches(x: Tensor, y: Tensor, batch_size: int, shuffle: bool,
+                   generator: torch.Generator | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (xb, yb) minibatches of tensors already on the device, the last partial one too."""
+    n = len(x)
+    if not shuffle:
+        for i in range(0, n, batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
+        return
+    # The permutation is drawn on the CPU, so CPU and CUDA runs with one seed see the same order.
+    perm = torch.randperm(n, generator=generator).to(x.device)
+    for i in range(0, n, batch_size):
+        idx = perm[i:i + batch_size]
+        yield x[idx], y[idx]
+
+
+def augment_batch(x: Tensor, crop_padding: int = 0, hflip: bool = False,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Random crop of the zero-padded image and horizontal flip (p=0.5), per sample, on-device."""
+    check_int_at_least("dataset.augment.crop_padding", crop_padding, 0)
+    if crop_padding == 0 and not hflip:
+        return x
+    n, _, h, w = x.shape
+    p = crop_padding
+    # Draw on the CPU generator then move: the same seed gives the same crops on every device.
+    dy = torch.randint(0, 2 * p + 1, (n, 1, 1), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * p + 1, (n, 1, 1), generator=generator).to(x.device)
+    flip = (torch.rand(n, 1, 1, generator=generator) < 0.5).to(x.device) & hflip
+    rows = dy + torch.arange(h, device=x.device).view(1, h, 1)  # (n, h, 1)
+    cols = torch.arange(w, device=x.device).view(1, 1, w)
+    cols = dx + torch.where(flip, w - 1 - cols, cols)  # (n, 1, w); a flip reads columns backwards
+    padded = F.pad(x, (p, p, p, p))
+    batch = torch.arange(n, device=x.device).view(n, 1, 1)
+    # One gather does crop and flip: indices (n, h, w) pick (n, h, w, C); back to (n, C, h, w).
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()

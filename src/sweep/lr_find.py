@@ -1,0 +1,342 @@
+"""The learning-rate range test: one short run whose lr rises exponentially until the loss explodes.
+
+`python -m sweep.lr_find <overrides>` trains the configured model from `lr_find.min_lr` to
+`lr_find.max_lr` over `lr_find.steps` optimizer steps, plots the smoothed loss against the lr (log
+axis), marks two suggestions and prints them as an override to paste:
+
+- steepest descent: the lr where the smoothed loss falls fastest (before its minimum);
+- minimum / 10: a tenth of the lr at the smoothed loss's minimum (the loss is still falling there,
+  a safe distance below where it turns up).
+
+After Smith, "Cyclical Learning Rates for Training Neural Networks" (2017), and fastai's lr_find.
+Settings: `lr_find.<key>=<value>` on the command line or an `lr_find:` block in an experiment file;
+see DEFAULTS.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sweep.config import ConfigError, check_int_at_least, check_positive, compose, fail, validate
+
+DEFAULTS: dict[str, Any] = {
+    "min_lr": 1e-6,       # the first step's lr
+    "max_lr": 10.0,       # the last step's lr, if the loss has not exploded before
+    "steps": 200,         # optimizer steps from min_lr to max_lr (batches repeat as epochs)
+    "smoothing": 0.9,     # EMA factor for the loss; ~1/(1-smoothing) steps are averaged
+    "diverge": 4.0,       # stop once the smoothed loss exceeds this x its lowest value
+    "skip_start": 5,      # first points ignored by the suggestion (the average is still forming)
+    "output_dir": None,   # null = outputs/lr_find/<date>/<time> under the working directory
+}
+
+
+# --- settings blocks (`lr_find.x=v`, `sensitivity.x=v`, `report.x=v`) ---------------------------
+
+def split_settings(overrides: Sequence[str], key: str) -> tuple[list[str], list[str]]:
+    """Separate `<key>.x=v` items (a module's own settings) from the Hydra overrides.
+
+    The settings are not part of the config tree, so Hydra would reject them as unknown keys.
+    """
+    hydra_items, own = [], []
+    for item in overrides:
+        name = item.lstrip("+~").split("=", 1)[0]
+        (own if name == key or name.startswith(key + ".") else hydra_items).append(item)
+    return hydra_items, own
+
+
+def load_settings(cfg: DictConfig | None, key: str, defaults: dict[str, Any],
+                  items: Sequence[str] = ()) -> DictConfig:
+    """Defaults, then the config's `<key>:` block (an experiment file's), then command-line items.
+
+    Unknown keys fail loudly, naming the allowed ones.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = OmegaConf.create(dict(defaults))
+    block = cfg.get(key) if cfg is not None else None
+    pairs: list[tuple[str, Any]] = []
+    if block is not None:
+        pairs += list(OmegaConf.to_container(block, resolve=True).items())
+    for override in OverridesParser.create().parse_overrides(list(items)):
+        name = override.key_or_group.removeprefix(key).lstrip(".")
+        if not name:
+            fail(key, override.input_line, f"set one setting at a time: {key}.<name>=<value>")
+        pairs.append((name, override.value()))
+    for name, value in pairs:
+        if name.split(".")[0] not in defaults:
+            raise ConfigError(f"{key}.{name} is not a {key} setting; choose from "
+                              + ", ".join(defaults))
+        OmegaConf.update(out, name, value, merge=False)  # a list or dict replaces, not merges
+    return out
+
+
+def timestamped_dir(base: str, explicit: str | None) -> Path:
+    """`explicit`, else outputs/<base>/<date>/<time> like Hydra's run directories."""
+    if explicit:
+        return Path(explicit)
+    return Path("outputs") / base / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
+
+
+# --- the range test ---------------------------------------------------------------------------
+
+@dataclass
+class LRFindResult:
+    """The measured curve and the lrs read off it."""
+
+    lrs: list[float] = field(default_factory=list)       # the lr each step applied
+    losses: list[float] = field(default_factory=list)    # that step's batch loss
+    smoothed: list[float] = field(default_factory=list)  # zero-lag smoothing of `losses`
+    steepest: float = math.nan    # lr of the steepest descent of the smoothed curve
+    lr_at_min: float = math.nan   # lr at the smoothed curve's minimum
+    status: str = "completed"     # completed (reached max_lr) | diverged (stopped early)
+
+    @property
+    def min_over_10(self) -> float:
+        return self.lr_at_min / 10
+
+
+def ema(values: Sequence[float], beta: float) -> np.ndarray:
+    """Exponential moving average with bias correction (the first points are not pulled to 0)."""
+    out, avg = np.empty(len(values)), 0.0
+    for i, v in enumerate(values):
+        avg = beta * avg + (1 - beta) * v
+        out[i] = avg / (1 - beta ** (i + 1))
+    return out
+
+
+def smooth(losses: Sequence[float], beta: float) -> np.ndarray:
+    """The EMA run forwards then backwards, so the smoothed curve does not lag behind the lr.
+
+    A one-way EMA of ~1/(1-beta) steps shifts the curve to higher lrs by as many steps, which
+    would move the suggestion towards the explosion.
+    """
+    return ema(ema(losses, beta)[::-1], beta)[::-1]
+
+
+def suggest(lrs: Sequence[float], smoothed: Sequence[float], skip_start: int = 5
+            ) -> tuple[float, float]:
+    """(steepest-descent lr, lr at the minimum) of a smoothed loss-versus-lr curve.
+
+    The slope is taken against log10(lr), the axis the lr moves along; only points before the
+    minimum count, so the steepest point lies on the descending part of the curve.
+    """
+    lrs, smoothed = np.asarray(lrs, float), np.asarray(smoothed, float)
+    if len(lrs) < 3:
+        raise ValueError(f"need at least 3 points to suggest an lr, got {len(lrs)}")
+    lowest = int(np.nanargmin(smoothed))
+    start = min(skip_start, max(lowest - 1, 0))
+    if lowest - start < 2:  # the minimum is at the start: the curve only rises
+        return float(lrs[lowest]), float(lrs[lowest])
+    slope = np.gradient(smoothed, np.log10(lrs))
+    steepest = start + int(np.argmin(slope[start:lowest + 1]))
+    return float(lrs[steepest]), float(lrs[lowest])
+
+
+def bounds_from(result: LRFindResult) -> tuple[float, float]:
+    """An lr search range read off a range test: (low, high) for a log-uniform search.
+
+    high = the lr at the loss minimum (beyond it the loss rises); low = a tenth of the smaller of
+    the steepest-descent lr and high/10, so the range spans at least two decades and contains
+    both suggestions.
+    """
+    high = result.lr_at_min
+    low = min(result.steepest, high / 10) / 10
+    return float(low), float(high)
+
+
+def lr_find(cfg: DictConfig, settings: DictConfig | None = None, tracker: Any = None
+            ) -> LRFindResult:
+    """Run the range test on the configured model, data and optimizer (its lr is replaced)."""
+    from sweep.data import augment_batch, load_data, tensor_batches
+    from sweep.models import build_model
+    from sweep.optim import build_optimizer
+    from sweep.train import loss_and_metric, pick_device, seed_everything
+
+    s = settings if settings is not None else load_settings(cfg, "lr_find", DEFAULTS)
+    check_positive("lr_find.min_lr", s.min_lr)
+    check_positive("lr_find.max_lr", s.max_lr)
+    if not s.max_lr > s.min_lr:
+        fail("lr_find.max_lr", s.max_lr, f"must be above lr_find.min_lr={s.min_lr}")
+    check_int_at_least("lr_find.steps", s.steps, 3)
+    if not 0 <= s.smoothing < 1:
+        fail("lr_find.smoothing", s.smoothing, "must be in [0, 1)")
+    check_positive("lr_find.diverge", s.diverge)
+
+    # 1. Build the parts exactly as a training run would, then keep each group's lr ratio.
+    validate(cfg)
+    device = pick_device(cfg.trainer.device)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    data = load_data(cfg.dataset)
+    model = build_model(cfg.model, data).to(device)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    scales = [g["lr"] / cfg.optimizer.lr for g in optimizer.param_groups]  # per-layer lr_scale
+    loss_fn, _, _ = loss_and_metric(cfg, data)
+    if data.nbytes <= cfg.trainer.device_data_max_mb * 2**20:
+        data = data.to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    # 2. lr_i = min_lr * (max_lr/min_lr)^(i/(steps-1)); stop once the smoothed loss explodes.
+    result = LRFindResult()
+    avg, best, step = 0.0, math.inf, 0
+    model.train()
+    while step < s.steps and result.status == "completed":
+        for xb, yb in tensor_batches(data.x_train, data.y_train, cfg.trainer.batch_size, True, gen):
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            if data.augment:
+                xb = augment_batch(xb, generator=gen, **data.augment)
+            lr = s.min_lr * (s.max_lr / s.min_lr) ** (step / (s.steps - 1))
+            for group, scale in zip(optimizer.param_groups, scales, strict=True):
+                group["lr"] = lr * scale
+            loss = loss_fn(model(xb).float(), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = loss.item()
+            if not math.isfinite(value):
+                result.status = "diverged"
+                break
+            avg = s.smoothing * avg + (1 - s.smoothing) * value
+            online = avg / (1 - s.smoothing ** (step + 1))
+            result.lrs.append(lr)
+            result.losses.append(value)
+            if tracker is not None:
+                tracker.log_step(step, {"lr_find/lr": lr, "lr_find/loss": value,
+                                        "lr_find/smoothed_online": online})
+            best = min(best, online)
+            step += 1
+            if online > s.diverge * best:
+                result.status = "diverged"
+                break
+            if step >= s.steps:
+                break
+
+    # 3. Read the suggestions off the zero-lag smoothed curve.
+    if len(result.lrs) < 3:
+        raise ConfigError(f"lr_find stopped after {len(result.lrs)} steps: the loss exploded at "
+                          f"lr={s.min_lr:g}; lower lr_find.min_lr")
+    result.smoothed = smooth(result.losses, s.smoothing).tolist()
+    result.steepest, result.lr_at_min = suggest(result.lrs, result.smoothed, s.skip_start)
+    return result
+
+
+def suggest_lr_bounds(cfg: DictConfig) -> tuple[float, float]:
+    """Run the range test for `cfg` (no tracking) and return `bounds_from` its curve.
+
+    What `study.lr_bounds=auto` uses to set the lr search range before the trials start.
+    """
+    return bounds_from(lr_find(cfg))
+
+
+# --- outputs ----------------------------------------------------------------------------------
+
+def lr_find_figure(result: LRFindResult, title: str = "LR range test"):
+    """Loss against lr (log axis): raw steps faint, smoothed solid, both suggestions marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(result.lrs, result.losses, color="0.75", lw=0.8, label="batch loss")
+    ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed")
+    for lr, color, label in ((result.steepest, "C3", "steepest descent"),
+                             (result.min_over_10, "C2", "minimum / 10")):
+        ax.axvline(lr, color=color, ls="--", lw=1.2, label=f"{label}: {lr:.3g}")
+    ax.axvline(result.lr_at_min, color="0.4", ls=":", lw=1,
+               label=f"minimum: {result.lr_at_min:.3g}")
+    # Keep the explosion from flattening the interesting part: cap at a bit above the start.
+    smoothed = np.asarray(result.smoothed)
+    top = max(smoothed[: max(len(smoothed) // 10, 1)].max(), smoothed.min()) * 1.3
+    bottom = min(np.min(result.losses), smoothed.min())
+    ax.set_ylim(bottom - 0.05 * (top - bottom), top)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{title} ({result.status} after {len(result.lrs)} steps)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def curve_csv(result: LRFindResult) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["step", "lr", "loss", "smoothed"])
+    for i, row in enumerate(zip(result.lrs, result.losses, result.smoothed, strict=True)):
+        writer.writerow([i, *(f"{v:.6g}" for v in row)])
+    return buf.getvalue()
+
+
+def summary(result: LRFindResult) -> str:
+    """What to paste: the steepest-descent lr as an override, with the alternative."""
+    return (f"lr range test {result.status} after {len(result.lrs)} steps "
+            f"(lr {result.lrs[0]:.3g} -> {result.lrs[-1]:.3g})\n"
+            f"suggested (steepest descent):  optimizer.lr={result.steepest:.3g}\n"
+            f"alternative (minimum / 10):    optimizer.lr={result.min_over_10:.3g}\n"
+            f"search range for a study:      {bounds_from(result)[0]:.3g} .. "
+            f"{bounds_from(result)[1]:.3g}")
+
+
+def run(overrides: Sequence[str]) -> tuple[LRFindResult, Path]:
+    """Compose, run the test inside an MLflow run, write the plot and the curve; returns both."""
+    import matplotlib.pyplot as plt
+
+    from sweep.track import mlflow_run, run_name
+
+    hydra_items, own = split_settings(overrides, "lr_find")
+    cfg = compose(hydra_items)
+    settings = load_settings(cfg, "lr_find", DEFAULTS, own)
+    out_dir = timestamped_dir("lr_find", settings.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with mlflow_run(cfg, run_name_=f"lr_find-{run_name(cfg)}", tags={"kind": "lr_find"}) as tracker:
+        if tracker is not None:
+            tracker.log_params({f"lr_find.{k}": v for k, v in settings.items()})
+        result = lr_find(cfg, settings, tracker)
+        fig = lr_find_figure(result, f"LR range test: {run_name(cfg)}")
+        fig.savefig(out_dir / "lr_find.png", dpi=120)
+        plt.close(fig)
+        (out_dir / "lr_find.csv").write_text(curve_csv(result))
+        (out_dir / "summary.txt").write_text(summary(result) + "\n")
+        if tracker is not None:
+            import mlflow
+
+            mlflow.flush_async_logging()
+            low, high = bounds_from(result)
+            tracker.log_step(len(result.lrs), {"lr_find/steepest": result.steepest,
+                                  "lr_find/lr_at_min": result.lr_at_min,
+                                  "lr_find/min_over_10": result.min_over_10,
+                                  "lr_find/bound_low": low, "lr_find/bound_high": high})
+            tracker.set_tags({"status": result.status,
+                              "suggested_override": f"optimizer.lr={result.steepest:.3g}"})
+            tracker.log_artifact(out_dir / "lr_find.png", "plots")
+            tracker.log_artifact(out_dir / "lr_find.csv")
+    return result, out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from sweep.data import DataError
+
+    try:
+        result, out_dir = run(sys.argv[1:] if argv is None else argv)
+    except (ConfigError, DataError) as err:
+        print(f"sweep.lr_find: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(result))
+    print(f"plot and curve written to {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""After the search: retrain each schedule's best configuration with several seeds, and compare.
+
+The summary names a winner only when its lead over the runner-up is larger than the seed-to-seed
+spread (the larger of the two standard deviations over the confirmation seeds); a smaller gap is
+what a different seed could undo. Confirmation runs are cached in the Optuna study, so a resumed or
+repeated command does not train them again.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig
+
+from sweep.config import compose
+from sweep.study import (
+    Plan,
+    best_trial,
+    rerun_command,
+    schedule_overrides,
+    trial_state,
+    without_scheduler,
+)
+from sweep.track import mlflow_run
+
+TALLY = ("complete", "pruned", "diverged", "failed")
+MAX_LR_POINTS = 500  # lr curves kept per confirmation run (enough for a plot, small in storage)
+
+
+@dataclass
+class Row:
+    """One schedule's line in the comparison."""
+
+    schedule: str
+    tally: dict[str, int]                  # trials by state: complete, pruned, diverged, failed
+    best_trial: int | None = None
+    knobs: list[str] = field(default_factory=list)   # the best trial's overrides
+    command: str = ""                      # `python -m sweep ...` rerunning the best configuration
+    runs: list[dict] = field(default_factory=list)   # one record per confirmation seed
+    to_target: list[int | None] = field(default_factory=list)  # epochs to reach the target
+
+    @property
+    def values(self) -> list[float]:
+        return [r["final"] for r in self.runs if math.isfinite(r["final"])]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+
+@dataclass
+class Summary:
+    """The comparison: rows ranked best first, the verdict, and where everything was written."""
+
+    rows: list[Row]
+    metric: str
+    direction: str
+    target: float | None
+    winner: str | None
+    verdict: str
+    text: str                              # what is printed: the table and the lines under it
+    out_dir: Path
+
+
+# --- confirmation ---------------------------------------------------------------------------------
+
+def confirm(cfg: DictConfig, plan: Plan, study: optuna.Study, schedule: str) -> Row:
+    """Retrain the schedule's best trial once per seed (cached in the study's user attributes)."""
+    trials = study.get_trials(deepcopy=False)
+    row = Row(schedule, {k: sum(trial_state(t) == k for t in trials) for k in TALLY})
+    best = best_trial(study)
+    if best is None:
+        return row
+    row.best_trial, row.knobs = best.number, list(best.user_attrs["overrides"])
+    row.command = rerun_command(plan, schedule, row.knobs)
+    for seed in cfg.study.seeds:
+        key = f"confirm/trial{best.number}/seed{seed}"
+        if key not in study.user_attrs:
+            study.set_user_attr(key, confirm_run(plan, schedule, row.knobs, seed))
+        row.runs.append(study.user_attrs[key])
+    return row
+
+
+def confirm_run(plan: Plan, schedule: str, knobs: list[str], seed: int) -> dict[str, Any]:
+    """Train one configuration with one seed as a child of the study's MLflow run."""
+    from sweep.train import train
+
+    started = time.perf_counter()
+    cfg = compose([*without_scheduler(plan.argv), *schedule_overrides(schedule, plan.epochs, knobs),
+                   f"seed={seed}"], "sweep")
+    tags = {"role": "confirm", "study": plan.settings["name"], "schedule": schedule,
+            "seed": str(seed)}
+    if plan.parent_run_id:
+        tags["mlflow.parentRunId"] = plan.parent_run_id
+    with mlflow_run(cfg, run_name_=f"{schedule}-best-seed{seed}", nested=True,
+                    tags=tags) as tracker:
+        result = train(cfg, tracker=tracker,
+                       output_dir=plan.out_dir / "runs" / f"{schedule}-best-seed{seed}")
+        if tracker is not None:
+            tracker.set_tags({"status": result.status})
+    first_group = result.lr_trace[0]["group"] if result.lr_trace else None
+    lr = [[r["step"], r["lr"]] for r in result.lr_trace if r["group"] == first_group]
+    every = max(1, len(lr) // MAX_LR_POINTS)
+    final = result.final_metric if result.status != "diverged" else math.nan
+    print(f"  {schedule:<12} seed {seed:<4} {result.status:<11} {plan.metric} {final:.4f}  "
+          f"({time.perf_counter() - started:.1f}s)", flush=True)
+    return {"seed": seed, "status": result.status, "final": final,
+            "curve": [h[plan.metric] for h in result.history], "lr": lr[::every]}
+
+
+def epochs_to(curve: list[float], target: float, maximize: bool) -> int | None:
+    """The first epoch (1-based) whose metric reaches the target, or None."""
+    for epoch, value in enumerate(curve, start=1):
+        if (value >= target) if maximize else (value <= target):
+            return epoch
+    return None
+
+
+def verdict(ranked: list[Row], metric: str) -> tuple[str | None, str]:
+    """The winner, if its lead over the runner-up is larger than the seed-to-seed spread."""
+    if not ranked:
+        return None, "no schedule completed a trial: nothing to compare"
+    first = ranked[0]
+    if len(ranked) == 1:
+        return None, f"only {first.schedule} completed a trial: nothing to compare it with"
+    second = ranked[1]
+    if len(first.values) < 2 or len(second.values) < 2:
+        return None, ("no winner named: set study.seeds to two or more seeds to measure the "
+                      "seed-to-seed spread")
+    gap, spread = abs(first.mean - second.mean), max(first.std, second.std)
+    if gap > spread:
+        return first.schedule, (f"winner: {first.schedule} ({metric} {first.mean:.4f} vs "
+                                f"{second.schedule} {second.mean:.4f}: the gap {gap:.4f} is larger "
+                                f"than the seed-to-seed spread {spread:.4f})")
+    return None, (f"no clear winner: {first.schedule} leads {second.schedule} by {gap:.4f}, "
+                  f"within the seed-to-seed spread {spread:.4f}")
+
+
+# --- the table and files --------------------------------------------------------------------------
+
+def cells(row: Row, metric: str) -> list[str]:
+    knobs = dict(k.split("=", 1) for k in row.knobs)
+    lr = knobs.pop("optimizer.lr", "-")
+    other = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in knobs.items()) or "-"
+    diverged = sum(r["status"] == "diverged" for r in row.runs)
+    score = f"{row.mean:.4f} ± {row.std:.4f}" if row.values else "-"
+    if diverged:
+        score += f" ({diverged} diverged)"
+    reached = [e for e in row.to_target if e is not None]
+    to_target = "-" if not reached else f"{statistics.fmean(reached):.1f}" + (
+        "" if len(reached) == len(row.to_target) else f" ({len(reached)}/{len(row.to_target)})")
+    tally = " / ".join(str(row.tally[k]) for k in TALLY)
+    if row.best_trial is None:
+        return [row.schedule, "-", "no trial completed", "-", "-", "-", tally]
+    return [row.schedule, lr, other, score, str(len(row.runs)), to_target, tally]
+
+
+def markdown_table(rows: list[Row], metric: str, target: float | None) -> str:
+    """An aligned Markdown table: readable on a terminal and rendered in MLflow and on GitHub."""
+    head = ["schedule", "lr", "knobs", f"{metric} mean ± std", "seeds",
+            f"epochs to {target:.4g}" if target is not None else "epochs to target",
+            "trials done / pruned / diverged / failed"]
+    body = [cells(r, metric) for r in rows]
+    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def write_files(summary: Summary, plan: Plan) -> list[Path]:
+    """summary.md, summary.csv and best_overrides/<schedule>.txt in the output directory."""
+    out = plan.out_dir
+    (out / "summary.md").write_text(f"# Study {plan.settings['name']}\n\n{summary.text}\n")
+    with open(out / "summary.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["schedule", "best_trial", "knobs", f"{summary.metric}_mean",
+                    f"{summary.metric}_std", "seeds", "values", "epochs_to_target",
+                    *[f"trials_{k}" for k in TALLY], "command"])
+        for r in summary.rows:
+            w.writerow([r.schedule, r.best_trial, " ".join(r.knobs), r.mean, r.std, len(r.runs),
+                        " ".join(f"{v:.6g}" for v in r.values),
+                        " ".join("-" if e is None else str(e) for e in r.to_target),
+                        *[r.tally[k] for k in TALLY], r.command])
+    (out / "best_overrides").mkdir(exist_ok=True)
+    written = [out / "summary.md", out / "summary.csv"]
+    for r in summary.rows:
+        if r.command:
+            path = out / "best_overrides" / f"{r.schedule}.txt"
+            path.write_text(r.command + "\n")
+            written.append(path)
+    return written
+
+
+# --- plots ----------------------------------------------------------------------------------------
+
+def figure_of(axes: Any) -> Any:
+    import numpy as np
+
+    return np.asarray(axes).flat[0].figure  # Optuna returns an Axes or an array of them
+
+
+def optuna_figures(studies: dict[str, optuna.Study], plan: Plan) -> dict[str, Any]:
+    """Optimisation history (all schedules), and per schedule importances and lr x knob contour."""
+    from optuna.visualization import matplotlib as ovm
+
+    figures: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        figures["optimization_history.png"] = figure_of(ovm.plot_optimization_history(
+            list(studies.values()), target_name=plan.metric))
+        for name, study in studies.items():
+            done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if len(done) < 2:
+                continue
+            numeric = [k for k, s in plan.spaces[name].items() if s["type"] != "categorical"]
+            pair = ["optimizer.lr"] + [k for k in numeric if k != "optimizer.lr"][:1]
+            if len(pair) == 2 and "optimizer.lr" in numeric:  # lr x gamma (or the first knob)
+                landscape = (f"contour_{name}.png", ovm.plot_contour, {"params": pair})
+            else:
+                landscape = (f"slice_{name}.png", ovm.plot_slice, {})
+            for file, plot, kwargs in [(f"importances_{name}.png", ovm.plot_param_importances, {}),
+                                       landscape]:
+                try:
+                    figures[file] = figure_of(plot(study, **kwargs))
+                except (ValueError, RuntimeError, ZeroDivisionError) as err:
+                    print(f"  (no {file}: {err})")  # e.g. every trial had the same value
+    return figures
+
+
+def curve_figures(rows: list[Row], metric: str) -> dict[str, Any]:
+    """The best configurations' validation curves (mean and range over seeds) and lr curves."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from sweep.report import lr_figure
+
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for row in rows:
+        curves = [r["curve"] for r in row.runs if r["curve"]]
+        if not curves:
+            continue
+        n = min(map(len, curves))
+        stack = np.array([c[:n] for c in curves])
+        epochs = np.arange(1, n + 1)
+        ax.plot(epochs, stack.mean(0), marker="o", ms=3, label=f"{row.schedule} ({len(curves)})")
+        ax.fill_between(epochs, stack.min(0), stack.max(0), alpha=0.2)
+    ax.set(xlabel="epoch", ylabel=metric,
+           title="best configuration of each schedule (mean, range over seeds)")
+    ax.legend()
+    lrs = {r.schedule: [{"step": s, "lr": lr, "group": "default", "epoch": 0}
+                        for s, lr in r.runs[0]["lr"]] for r in rows if r.runs and r.runs[0]["lr"]}
+    return {"best_val_curves.png": fig, "best_lr_curves.png": lr_figure(lrs)}
+
+
+def save_figures(figures: dict[str, Any], folder: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in figures.items():
+        fig.savefig(folder / name, dpi=100, bbox_inches="tight")
+        plt.close(fig)  # Optuna's plots are pyplot figures; ours are not (closing them is a no-op)
+        paths.append(folder / name)
+    return paths
+
+
+# --- all of it ------------------------------------------------------------------------------------
+
+def summarize(cfg: DictConfig, plan: Plan, studies: dict[str, optuna.Study],
+              parent: Any) -> Summary:
+    """Confirm, rank, write summary files and plots, and attach them to the study's MLflow run."""
+    maximize = plan.direction == "maximize"
+    print(f"confirming the best of each schedule with seeds {list(cfg.study.seeds)}", flush=True)
+    rows = [confirm(cfg, plan, study, name) for name, study in studies.items()]
+    ranked = sorted((r for r in rows if r.values), key=lambda r: r.mean, reverse=maximize)
+    rows = ranked + [r for r in rows if not r.values]
+    target = cfg.study.target
+    if target is None and ranked:  # the level every schedule reaches on average: the worst mean
+        target = ranked[-1].mean
+    for row in rows:
+        row.to_target = [epochs_to(r["curve"], target, maximize) for r in row.runs]
+    winner, line = verdict(ranked, plan.metric)
+    how = "set by study.target" if cfg.study.target is not None else "the worst schedule's mean"
+    notes = [line]
+    if target is not None:
+        notes.append(f'"epochs to {target:.4g}": first epoch at {plan.metric} '
+                     f"{'>=' if maximize else '<='} {target:.4g} ({how}), mean over seeds")
+    notes.append(f"trials: the pruner ({plan.settings['pruner']}) stopped "
+                 f"{sum(r.tally['pruned'] for r in rows)} of "
+                 f"{sum(sum(r.tally.values()) for r in rows)}; best configurations, rerun as is:")
+    notes += [f"  {r.command}" for r in rows if r.command]
+    notes.append(f"written to {plan.out_dir} (summary.md, summary.csv, best_overrides/, plots/)")
+    notes.append(f"Optuna storage {plan.storage}: `optuna studies --storage {plan.storage}` or "
+                 f"`optuna-dashboard {plan.storage}`")
+    text = markdown_table(rows, plan.metric, target) + "\n\n" + "\n".join(notes)
+    summary = Summary(rows, plan.metric, plan.direction, target, winner, line, text, plan.out_dir)
+    written = write_files(summary, plan)
+    plots: list[Path] = []
+    if cfg.study.plots:
+        figures = {**optuna_figures(studies, plan), **curve_figures(ranked, plan.metric)}
+        plots = save_figures(figures, plan.out_dir / "plots")
+    if parent is not None:
+        for path in written:
+            parent.log_artifact(path, "best_overrides" if path.parent.name == "best_overrides"
+                                else None)
+        for path in plots:
+            parent.log_artifact(path, "plots")
+        parent.set_tags({"winner": winner or "none"})
+        parent.log_step(0, {f"{r.schedule}/{plan.metric}_mean": r.mean for r in ranked}
+                        | {f"{r.schedule}/{plan.metric}_std": r.std for r in ranked})
+    return summary

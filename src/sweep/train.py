@@ -1,0 +1,302 @@
+"""The one training loop: train, evaluate, step the schedule, log; stop on divergence."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from sweep.config import validate
+from sweep.data import Data, augment_batch, load_data, tensor_batches
+from sweep.models import build_model
+from sweep.optim import build_optimizer
+from sweep.schedules import Budget, build_scheduler
+
+Callback = Callable[[int, dict[str, float]], bool | None]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; Optuna trials and studies read this directly."""
+
+    status: str                     # completed | diverged | stopped
+    metric_name: str                # val_acc (classification) or val_mse (regression)
+    direction: str                  # maximize | minimize
+    history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
+    lr_trace: list[dict[str, Any]] = field(default_factory=list)   # {step, epoch, group, lr}
+    best_metric: float = math.nan
+    best_epoch: int = 0
+    skipped_steps: int = 0          # optimizer steps AMP's gradient scaler skipped (inf/nan grads)
+    run_id: str | None = None
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+    @property
+    def final_metric(self) -> float:
+        return self.final.get(self.metric_name, math.nan)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` picks CUDA, then Apple's MPS, then the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
+    """bf16 by default on CUDA that has it; fp16 needs a gradient scaler; off on CPU by default."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[name]
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def loss_and_metric(cfg: DictConfig, data: Data) -> tuple[Callable, str, str]:
+    """The loss that fits the task, and the metric a sweep optimises."""
+    t = cfg.trainer
+    name = t.loss if t.loss != "auto" else (
+        "cross_entropy" if data.task == "classification" else "mse")
+    if (name == "cross_entropy") != (data.task == "classification"):
+        from sweep.config import fail
+        fail("trainer.loss", name, f"does not fit the {data.task} dataset {data.name!r}; use "
+             + ("cross_entropy" if data.task == "classification" else "mse or huber"))
+    if name == "cross_entropy":
+        def loss_fn(out, y):
+            return F.cross_entropy(out, y, label_smoothing=t.label_smoothing)
+        return loss_fn, "val_acc", "maximize"
+    if name == "huber":
+        def loss_fn(out, y):
+            return F.huber_loss(out, y, delta=t.huber_delta)
+        return loss_fn, "val_mse", "minimize"
+    return F.mse_loss, "val_mse", "minimize"
+
+
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Total 2-norm of the gradients, without a host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def batches(data: Data, device: torch.device, cfg: DictConfig, gen: torch.Generator,
+            on_device: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled training batches: sliced from tensors on the device, or through a DataLoader."""
+    bs = cfg.trainer.batch_size
+    if on_device:
+        yield from tensor_batches(data.x_train, data.y_train, bs, True, gen)
+        return
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(data.x_train, data.y_train), batch_size=bs, shuffle=True,
+        generator=gen, num_workers=cfg.trainer.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=False)
+    for xb, yb in loader:
+        yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, data: Data, loss_fn: Callable, metric_name: str,
+             device: torch.device, amp: torch.dtype | None, batch_size: int) -> dict[str, float]:
+    """Validation loss and metric, summed on the device and read back once."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    metric_sum = torch.zeros((), device=device)
+    n = len(data.x_val)
+    for xb, yb in tensor_batches(data.x_val, data.y_val, batch_size, False, None):
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(xb)
+        out = out.float()
+        loss_sum += loss_fn(out, yb) * len(xb)
+        if metric_name == "val_acc":
+            metric_sum += (out.argmax(1) == yb).sum()
+        else:
+            metric_sum += F.mse_loss(out, yb, reduction="sum") / out.shape[1:].numel()
+    model.train()
+    val_loss, metric = (torch.stack([loss_sum, metric_sum]) / n).tolist()
+    return {"val_loss": val_loss, metric_name: metric}
+
+
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """`lr` is the first (default) group's; `lr/<name>` each group's when there are several."""
+    lrs = {"lr": optimizer.param_groups[0]["lr"]}
+    if len(optimizer.param_groups) > 1:
+        for g in optimizer.param_groups:
+            # MLflow metric names allow only letters, digits and _-. :/ (a regex rule has more).
+            lrs["lr/" + re.sub(r"[^\w\-. :/]", "_", g.get("name", "default"))] = g["lr"]
+    return lrs
+
+
+def default_output_dir() -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not inside a Hydra app (tests, studies): the working directory
+        return Path.cwd()
+
+
+def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None,
+          output_dir: str | Path | None = None) -> TrainResult:
+    """Train one model as the config says and return its result; `tracker` logs to MLflow."""
+    # 1. Check everything that can be checked, then build each part (still before any training).
+    validate(cfg)
+    t = cfg.trainer
+    device = pick_device(t.device)
+    seed_everything(cfg.seed, t.deterministic)
+    data = load_data(cfg.dataset)
+    model = build_model(cfg.model, data).to(device)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    loss_fn, metric_name, direction = loss_and_metric(cfg, data)
+    budget = Budget(epochs=t.epochs, steps_per_epoch=data.steps_per_epoch(t.batch_size))
+    schedule = build_scheduler(cfg.scheduler, optimizer, budget, direction)
+    amp = pick_amp(t.amp, device)
+    # fp16 needs loss scaling to keep small gradients representable; bf16 has fp32's range.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    on_device = data.nbytes <= t.device_data_max_mb * 2**20
+    if on_device:
+        data = data.to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)  # batch order and augmentation, checkpointed
+    out_dir = Path(output_dir) if output_dir is not None else default_output_dir()
+    ckpt_path = Path(t.checkpoint.path) if t.checkpoint.path else out_dir / "checkpoint.pt"
+
+    result = TrainResult(status="completed", metric_name=metric_name, direction=direction,
+                         run_id=getattr(tracker, "run_id", None))
+    better = (lambda a, b: a > b) if direction == "maximize" else (lambda a, b: a < b)
+    step, start_epoch, initial_loss = 0, 1, None
+    if t.resume:
+        state = torch.load(t.resume, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        gen.set_state(state["rng"]["batches"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        step, start_epoch, initial_loss = state["step"], state["epoch"] + 1, state["initial_loss"]
+        for key in ("history", "lr_trace", "best_metric", "best_epoch", "skipped_steps"):
+            setattr(result, key, state[key])
+
+    bar = tqdm(range(start_epoch, t.epochs + 1), desc="epochs", disable=not t.progress,
+               initial=start_epoch - 1, total=t.epochs, dynamic_ncols=True)
+    for epoch in bar:
+        # 2. One pass over the training data.
+        started = time.perf_counter()
+        epoch_lrs = group_lrs(optimizer)  # what this epoch's first step applies
+        loss_sum = torch.zeros((), device=device)
+        norm_sum = torch.zeros((), device=device)
+        n_batches = 0
+        for xb, yb in batches(data, device, cfg, gen, on_device):
+            if data.augment:
+                xb = augment_batch(xb, generator=gen, **data.augment)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = loss_fn(model(xb).float(), yb)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip and measure true gradients, not scaled ones
+            norm = grad_norm(params)  # before clipping, as logged
+            if t.clip.mode == "norm":
+                torch.nn.utils.clip_grad_norm_(params, t.clip.max)
+            elif t.clip.mode == "value":
+                torch.nn.utils.clip_grad_value_(params, t.clip.max)
+            applied = [(g.get("name", "default"), g["lr"]) for g in optimizer.param_groups]
+            scale = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(optimizer)  # skipped by the scaler when gradients hold inf/nan
+            scaler.update()
+            if scale is not None and scaler.get_scale() < scale:
+                # A skipped step applied no lr, so a per-step schedule does not advance either.
+                result.skipped_steps += 1
+            else:
+                result.lr_trace += [{"step": step, "epoch": epoch, "group": name, "lr": lr}
+                                    for name, lr in applied]
+                step += 1
+                if schedule.interval == "step":
+                    schedule.scheduler.step()  # always after optimizer.step()
+            loss_sum += loss.detach()
+            norm_sum += norm
+            n_batches += 1
+            if initial_loss is None:
+                initial_loss = loss.item()  # the reference for "far above where it started"
+            if tracker is not None and t.log_every_n_steps and step % t.log_every_n_steps == 0:
+                lrs = {f"step_{k}": v for k, v in group_lrs(optimizer).items()}
+                tracker.log_step(step, {"step_loss": loss.item(), **lrs})
+
+        # 3. Evaluate, then step an epoch schedule (plateau schedules get the metric).
+        train_loss, mean_norm = (torch.stack([loss_sum, norm_sum]) / n_batches).tolist()
+        metrics = {"epoch": epoch, "train_loss": train_loss, **evaluate(
+            model, data, loss_fn, metric_name, device, amp, max(1024, t.batch_size)),
+            **epoch_lrs, "grad_norm": mean_norm, "skipped_steps": result.skipped_steps,
+            "epoch_time": time.perf_counter() - started}
+        if schedule.interval == "epoch":
+            if schedule.needs_metric:
+                schedule.scheduler.step(metrics[metric_name])
+            else:
+                schedule.scheduler.step()
+        result.history.append(metrics)
+        if math.isfinite(metrics[metric_name]) and (
+                result.best_epoch == 0 or better(metrics[metric_name], result.best_metric)):
+            result.best_metric, result.best_epoch = metrics[metric_name], epoch
+        if tracker is not None:
+            tracker.log_epoch(epoch, metrics)
+        bar.set_postfix(train_loss=f"{train_loss:.4g}", **{metric_name: f"{metrics[metric_name]:.4g}"})
+
+        # 4. Stop a run that diverged instead of burning the remaining epochs.
+        if not math.isfinite(train_loss) or not math.isfinite(metrics["val_loss"]) or (
+                train_loss > t.divergence_factor * max(initial_loss, 1e-12)):
+            result.status = "diverged"
+            break
+        if t.checkpoint.every and epoch % t.checkpoint.every == 0:
+            save_checkpoint(ckpt_path, model, optimizer, schedule.scheduler, scaler, gen, epoch,
+                            step, initial_loss, result)
+        if callback is not None and callback(epoch, metrics):
+            result.status = "stopped"
+            break
+    bar.close()
+    return result
+
+
+def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, gen: torch.Generator,
+                    epoch: int, step: int, initial_loss: float | None, result: TrainResult) -> None:
+    """Everything needed to continue as if never interrupted, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(), "python": random.getstate()},
+        "epoch": epoch, "step": step, "initial_loss": initial_loss, "run_id": result.run_id,
+        "history": result.history, "lr_trace": result.lr_trace, "best_metric": result.best_metric,
+        "best_epoch": result.best_epoch, "skipped_steps": result.skipped_steps,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a kill mid-write never leaves a truncated checkpoint

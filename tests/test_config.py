@@ -1,0 +1,86 @@
+"""Every option of every group composes and builds; bad values fail before training with one message."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sweep import CONF_DIR
+from sweep.config import ConfigError, compose
+from sweep.data import load_data
+from sweep.models import build_model
+from sweep.optim import build_optimizer
+from sweep.train import train
+
+EMBEDDED = ["digits", "synthetic_regression", "synthetic_classification"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("dataset", EMBEDDED)
+@pytest.mark.parametrize("model", ["mlp", "cnn", "resnet18"])
+def test_every_model_builds_for_every_embedded_dataset(model, dataset):
+    if model != "mlp" and dataset != "digits":
+        pytest.skip("convolutional models need image data")
+    cfg = compose([f"model={model}", f"dataset={dataset}"])
+    data = load_data(cfg.dataset)
+    net = build_model(cfg.model, data)
+    out = net.eval()(data.x_val[:4])
+    assert out.shape == (4, data.num_outputs)
+    for name in options("optimizer"):
+        build_optimizer(compose([f"optimizer={name}"]).optimizer, net)
+
+
+def test_the_groups_are_the_documented_ones():
+    assert set(options("optimizer")) == {"sgd", "adam", "adamw", "rmsprop", "adagrad"}
+    assert {"mlp", "cnn", "resnet18"} <= set(options("model"))
+    assert {"digits", "synthetic_regression", "synthetic_classification", "mnist",
+            "fashion_mnist", "cifar10"} <= set(options("dataset"))
+    assert {"constant", "step", "exponential", "cosine"} <= set(options("scheduler"))
+
+
+BASE = ["dataset=synthetic_regression", "dataset.n_samples=100", "model=mlp", "tracking=none",
+        "trainer.progress=false", "trainer.epochs=2"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.lr=0", "optimizer.lr=0 is not allowed: must be a number > 0"),
+    ("optimizer.lr=-0.1", "optimizer.lr=-0.1 is not allowed: must be a number > 0"),
+    ("trainer.batch_size=0", "trainer.batch_size=0 is not allowed: must be an integer >= 1"),
+    ("trainer.epochs=0", "trainer.epochs=0 is not allowed: must be an integer >= 1"),
+    ("trainer.amp=fp8", "trainer.amp='fp8' is not allowed: choose one of auto, bf16, fp16, off"),
+    ("trainer.clip.mode=sometimes", "trainer.clip.mode='sometimes' is not allowed"),
+    ("trainer.device=tpu", "trainer.device='tpu' is not allowed"),
+    ("model.activation=swishy", "model.activation='swishy'"),
+    ("model.bn=middle", "model.bn='middle'"),
+    (["scheduler=step", "scheduler.gamma=1.5"], "scheduler.gamma=1.5"),
+    (["scheduler=exponential", "scheduler.gamma=0"], "scheduler.gamma=0"),
+    (["scheduler=step", "scheduler.step_size=0"], "scheduler.step_size=0"),
+    ("optimizer.param_groups=[{pattern: nothing_here, lr_scale: 0.1}]",
+     "pattern='nothing_here' matches no parameter"),
+])
+def test_bad_values_fail_before_training_with_one_message(tmp_path, override, message):
+    epochs = []
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        overrides = override if isinstance(override, list) else [override]
+        train(compose([*BASE, *overrides]), callback=lambda e, m: epochs.append(e),
+              output_dir=tmp_path)
+    assert epochs == []
+
+
+def test_the_cli_prints_the_message_and_exits_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sweep", *BASE, "optimizer.lr=-1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "sweep: error: optimizer.lr=-1 is not allowed: must be a number > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_unknown_option_lists_the_choices(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sweep", "scheduler=cosinus"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Could not find 'scheduler/cosinus'" in proc.stderr
+    assert "Available options" in proc.stderr and "cosine" in proc.stderr

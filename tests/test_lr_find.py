@@ -1,0 +1,106 @@
+"""The LR range test: where it suggests an lr on a known curve, and a real run end to end."""
+
+import math
+
+import mlflow
+import numpy as np
+import pytest
+
+from sweep.config import ConfigError, compose
+from sweep.lr_find import (
+    DEFAULTS,
+    LRFindResult,
+    bounds_from,
+    load_settings,
+    lr_find,
+    main,
+    smooth,
+    split_settings,
+    suggest,
+    suggest_lr_bounds,
+)
+
+TINY = ["dataset=synthetic_regression", "model=mlp", "model.hidden=[4,4]", "optimizer=sgd",
+        "optimizer.momentum=0", "trainer.batch_size=50", "trainer.progress=false", "seed=929"]
+
+
+def constructed_loss(lrs: np.ndarray) -> np.ndarray:
+    """Flat at tiny lrs, falls fastest around lr=1e-3, bottoms out near 0.1, explodes above."""
+    x = np.log10(lrs)
+    return 2.0 - 1.5 / (1 + np.exp(-3 * (x + 3))) + np.exp(4 * (x + 0.5))
+
+
+def test_suggestion_lies_on_the_descending_part_of_a_noisy_curve():
+    lrs = np.logspace(-6, 1, 200)
+    rng = np.random.default_rng(0)
+    noisy = constructed_loss(lrs) * (1 + 0.05 * rng.standard_normal(len(lrs)))
+    steepest, lr_at_min = suggest(lrs, smooth(noisy, 0.9))
+
+    slope = np.gradient(constructed_loss(lrs), np.log10(lrs))
+    descending = lrs[slope < -0.1]  # clearly falling, not the flat start or the explosion
+    assert descending.min() <= steepest <= descending.max()
+    assert 3e-4 < steepest < 3e-3  # the true steepest point is at 1e-3
+    true_min = lrs[np.argmin(constructed_loss(lrs))]
+    assert true_min / 3 < lr_at_min < true_min * 3
+    # The second suggestion, a tenth of the minimum, is still on the falling part too.
+    assert np.interp(np.log10(lr_at_min / 10), np.log10(lrs), slope) < 0
+
+
+def test_two_way_smoothing_does_not_lag_behind_the_lr():
+    # A one-way moving average shifts a step change to later points; smoothed both ways, the
+    # halfway point stays where the step is.
+    step = np.r_[np.ones(100), np.zeros(100)]
+    halfway = int(np.argmin(np.abs(smooth(step, 0.9) - 0.5)))
+    assert 98 <= halfway <= 101
+
+
+def test_a_curve_that_only_rises_suggests_its_start():
+    lrs = np.logspace(-3, 0, 20)
+    assert suggest(lrs, lrs * 10) == (lrs[0], lrs[0])
+
+
+def test_bounds_span_two_decades_and_contain_both_suggestions():
+    low, high = bounds_from(LRFindResult(steepest=3e-3, lr_at_min=0.3))
+    assert (low, high) == pytest.approx((3e-4, 0.3))
+    low, high = bounds_from(LRFindResult(steepest=0.2, lr_at_min=0.3))  # steepest near the min
+    assert high / low == pytest.approx(100)
+    assert low < 0.03 < 0.2 < high
+
+
+def test_settings_come_from_defaults_then_the_command_line():
+    hydra_items, own = split_settings(["model=mlp", "lr_find.steps=50", "+lr_find.max_lr=1"],
+                                      "lr_find")
+    assert hydra_items == ["model=mlp"]
+    s = load_settings(None, "lr_find", DEFAULTS, own)
+    assert (s.steps, s.max_lr, s.min_lr) == (50, 1, DEFAULTS["min_lr"])
+    with pytest.raises(ConfigError, match="lr_find.stepz.*choose from"):
+        load_settings(None, "lr_find", DEFAULTS, ["lr_find.stepz=3"])
+
+
+def test_range_test_on_the_article_data_stops_when_the_loss_explodes():
+    cfg = compose(TINY)
+    s = load_settings(cfg, "lr_find", DEFAULTS, ["lr_find.min_lr=1e-4", "lr_find.steps=150"])
+    result = lr_find(cfg, s)
+    assert result.status == "diverged"  # SGD at lr=10 on this MSE blows up well before the end
+    assert len(result.lrs) == len(result.losses) == len(result.smoothed) < 150
+    assert all(b > a for a, b in zip(result.lrs, result.lrs[1:], strict=False))
+    lowest = int(np.argmin(result.smoothed))
+    assert 1e-4 <= result.steepest <= result.lr_at_min == result.lrs[lowest]
+    assert result.smoothed[lowest] < result.smoothed[0]
+    low, high = suggest_lr_bounds(compose([*TINY, "optimizer.lr=123"]))  # its lr is ignored
+    assert 0 < low < high < 10 and math.isfinite(high)
+
+
+def test_cli_logs_the_plot_and_prints_an_override(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    main([*TINY, "lr_find.steps=60", f"lr_find.output_dir={tmp_path / 'out'}"])
+    out = capsys.readouterr().out
+    assert "suggested (steepest descent):  optimizer.lr=" in out
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"lr_find.png", "lr_find.csv",
+                                                              "summary.txt"}
+    run = mlflow.search_runs(experiment_names=["sweep"], output_format="list")[0]
+    assert run.data.tags["kind"] == "lr_find"
+    assert run.data.tags["suggested_override"] in out
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "plots")]
+    assert artifacts == ["plots/lr_find.png"]
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr_find/loss")) > 10

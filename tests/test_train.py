@@ -1,0 +1,155 @@
+"""The trainer on real (tiny) training runs: schedules applied exactly, divergence, clipping, resume, AMP."""
+
+import math
+
+import pytest
+import torch
+
+from sweep.config import ConfigError, compose
+from sweep.train import pick_amp, train
+
+REGRESSION = ["dataset=synthetic_regression", "dataset.n_samples=200", "model=mlp",
+              "optimizer=sgd", "optimizer.momentum=0", "optimizer.lr=0.03", "scheduler=constant",
+              "trainer.batch_size=50", "trainer.progress=false", "tracking=none", "seed=929"]
+
+
+def config(*overrides: str):
+    return compose([*REGRESSION, *overrides])
+
+
+def test_training_lowers_the_loss_and_reports_every_epoch(tmp_path):
+    result = train(config("trainer.epochs=6", "optimizer.lr=0.05"), output_dir=tmp_path)
+
+    assert result.status == "completed"
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    assert result.metric_name == "val_mse" and result.direction == "minimize"
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best_metric == min(h["val_mse"] for h in result.history)
+    assert all(h["grad_norm"] > 0 for h in result.history)
+
+
+def test_epoch_schedule_sets_the_lr_of_every_step(tmp_path):
+    # StepLR(step_size=2, gamma=0.5) on 140 training samples / batch 50 = 3 steps per epoch.
+    cfg = config("scheduler=step", "scheduler.step_size=2", "scheduler.gamma=0.5",
+                 "trainer.epochs=5", "optimizer.lr=0.1")
+    result = train(cfg, output_dir=tmp_path)
+
+    assert len(result.lr_trace) == 5 * 3
+    for row in result.lr_trace:
+        assert row["lr"] == pytest.approx(0.1 * 0.5 ** ((row["epoch"] - 1) // 2))
+    assert [h["lr"] for h in result.history] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
+
+
+def test_step_schedule_advances_after_every_optimizer_step(tmp_path):
+    cfg = config("scheduler=cosine", "scheduler.interval=step", "scheduler.T_max=1.0",
+                 "scheduler.eta_min=0.0", "trainer.epochs=4", "optimizer.lr=0.1")
+    result = train(cfg, output_dir=tmp_path)
+
+    # The same schedule built directly with PyTorch and stepped once per optimizer step.
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12, eta_min=0.0)
+    expected = []
+    for _ in range(12):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        reference.step()
+    assert [r["lr"] for r in result.lr_trace] == pytest.approx(expected)
+
+
+def test_a_huge_learning_rate_stops_as_diverged_instead_of_crashing(tmp_path):
+    result = train(config("optimizer.lr=50", "trainer.epochs=20"), output_dir=tmp_path)
+
+    assert result.status == "diverged"
+    assert len(result.history) < 20
+
+
+def test_clipping_by_norm_bounds_every_update_and_logs_the_norm_before_clipping(tmp_path):
+    cfg = config("optimizer.lr=1.0", "trainer.epochs=1", "trainer.clip.mode=norm",
+                 "trainer.clip.max=0.001", "trainer.divergence_factor=1e9")
+    result = train(cfg, output_dir=tmp_path)
+    unclipped = train(config("optimizer.lr=1e-9", "trainer.epochs=1"), output_dir=tmp_path)
+
+    # Plain SGD with lr 1: each step moves the weights by the clipped gradient, norm <= 0.001;
+    # the loss therefore barely moves, while the logged (pre-clip) norm is the real, large one.
+    assert result.history[0]["grad_norm"] == pytest.approx(unclipped.history[0]["grad_norm"],
+                                                           rel=0.05)
+    assert result.history[0]["grad_norm"] > 100 * 0.001
+    assert result.history[0]["train_loss"] == pytest.approx(unclipped.history[0]["train_loss"],
+                                                            rel=0.05)
+
+
+def test_clipping_by_value(tmp_path):
+    torch.manual_seed(0)
+    clipped = train(config("optimizer.lr=0.5", "trainer.epochs=2", "trainer.clip.mode=value",
+                           "trainer.clip.max=1e-4"), output_dir=tmp_path)
+    free = train(config("optimizer.lr=0.5", "trainer.epochs=2"), output_dir=tmp_path)
+    # Each coordinate moves at most lr * 1e-4 per step, so the model is still near its start.
+    assert abs(clipped.history[-1]["train_loss"] - clipped.history[0]["train_loss"]) < abs(
+        free.history[-1]["train_loss"] - free.history[0]["train_loss"])
+
+
+@pytest.mark.parametrize("scheduler", ["step", "cosine"])
+def test_resume_continues_with_the_same_lrs_and_losses(tmp_path, scheduler):
+    # The CNN with dropout on digits: batch order, dropout masks and the schedule all resume.
+    common = ["dataset=digits", "model=cnn", "optimizer=sgd", f"scheduler={scheduler}",
+              "trainer.epochs=5", "trainer.batch_size=256", "trainer.checkpoint.every=1",
+              "trainer.progress=false", "tracking=none"]
+    full = train(compose(common), output_dir=tmp_path / "full")
+
+    # Interrupted after epoch 2 (its checkpoint is on disk), then resumed from that checkpoint.
+    train(compose(common), callback=lambda epoch, m: epoch == 2, output_dir=tmp_path / "cut")
+    checkpoint = tmp_path / "cut" / "checkpoint.pt"
+    resumed = train(compose([*common, f"trainer.resume={checkpoint}"]), output_dir=tmp_path / "cut")
+
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5]
+    assert [r["lr"] for r in resumed.lr_trace] == [r["lr"] for r in full.lr_trace]
+    for a, b in zip(resumed.history, full.history):
+        assert a["train_loss"] == b["train_loss"] and a["val_acc"] == b["val_acc"]
+
+
+def test_callback_sees_each_epoch_and_can_stop_the_run(tmp_path):
+    seen = []
+    result = train(config("trainer.epochs=10"),
+                   callback=lambda epoch, metrics: seen.append(metrics["val_mse"]) or epoch == 3,
+                   output_dir=tmp_path)
+    assert result.status == "stopped"
+    assert len(seen) == 3 == len(result.history)
+
+
+def test_per_layer_learning_rates_keep_their_ratio_under_a_schedule(tmp_path):
+    cfg = config("scheduler=exponential", "scheduler.gamma=0.5", "trainer.epochs=3",
+                 "optimizer.lr=0.08", "optimizer.param_groups=[{pattern: '^1\\.', lr_scale: 0.25, name: first}]")
+    result = train(cfg, output_dir=tmp_path)
+
+    for h in result.history:
+        assert h["lr/first"] == pytest.approx(0.25 * h["lr"])
+    assert [h["lr"] for h in result.history] == pytest.approx([0.08, 0.04, 0.02])
+
+
+def test_amp_defaults_off_on_cpu_and_bf16_trains_on_cpu(tmp_path):
+    assert pick_amp("auto", torch.device("cpu")) is None
+    result = train(config("trainer.amp=bf16", "trainer.epochs=4", "optimizer.lr=0.05"),
+                   output_dir=tmp_path)
+    assert result.status == "completed"
+    assert all(math.isfinite(h["train_loss"]) for h in result.history)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+def test_fp16_counts_the_steps_the_gradient_scaler_skips(tmp_path):
+    # Targets of order 1e4 make the first scaled fp16 gradients overflow, so the scaler skips
+    # steps (and halves its scale) until they fit; skipped steps apply no lr.
+    cfg = config("trainer.amp=fp16", "trainer.epochs=3", "optimizer.lr=1e-6",
+                 "dataset.weights=[2000,-1000,3000,1000,2000]", "scheduler=step",
+                 "scheduler.interval=step", "scheduler.step_size=1", "scheduler.gamma=0.9")
+    result = train(cfg, output_dir=tmp_path)
+
+    assert result.skipped_steps >= 1
+    assert len(result.lr_trace) == 3 * 3 - result.skipped_steps
+    # The schedule advanced once per applied step only.
+    assert [r["lr"] for r in result.lr_trace] == pytest.approx(
+        [1e-6 * 0.9 ** k for k in range(len(result.lr_trace))])
+
+
+def test_a_loss_that_does_not_fit_the_task_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.loss='cross_entropy'"):
+        train(config("trainer.loss=cross_entropy"), output_dir=tmp_path)
