@@ -4,7 +4,8 @@ PY := $(VENV)/bin/python
 ARGS ?=
 STORE ?= $(if $(MLFLOW_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
-.PHONY: help install run sweep schedules test test-slow test-gpu bench ui lint clean
+.PHONY: help install run sweep schedules study-bn lr-find report test test-slow test-gpu bench \
+	bench-study ui lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +28,15 @@ sweep: install  ## Optuna search over schedules: make sweep ARGS="study.trials=2
 schedules: install  ## plot schedules without training: make schedules ARGS="+schedules=all"
 	$(PY) -m sweep.schedules $(ARGS)
 
+study-bn: install  ## the BN-versus-no-BN learning-rate sensitivity study
+	$(PY) -m sweep.sensitivity experiment=bn_sensitivity $(ARGS)
+
+lr-find: install  ## LR range test: make lr-find ARGS="model=mlp dataset=synthetic_regression"
+	$(PY) -m sweep.lr_find $(ARGS)
+
+report: install  ## schedule-comparison report of a study, read back from MLflow
+	$(PY) -m sweep.report $(ARGS)
+
 test: install  ## the default test suite (fast; what CI runs)
 	$(PY) -m pytest
 
@@ -38,6 +48,9 @@ test-gpu: install  ## CUDA tests (skip without a GPU)
 
 bench: install  ## trainer overhead against a hand-written loop
 	$(PY) scripts/bench_trainer.py
+
+bench-study: install  ## the study's own cost per trial against training time
+	$(PY) scripts/bench_study.py
 
 ui: install  ## open the MLflow UI on the store runs log to
 	$(VENV)/bin/mlflow ui --backend-store-uri $(STORE)

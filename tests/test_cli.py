@@ -1,4 +1,4 @@
-"""End to end: `python -m sweep` in a subprocess, then the MLflow client reads back what it logged."""
+"""End to end: `python -m sweep` in a subprocess, then the MLflow client reads back its run."""
 
 import os
 import shutil

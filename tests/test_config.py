@@ -1,4 +1,4 @@
-"""Every option of every group composes and builds; bad values fail before training with one message."""
+"""Every option of every group builds; bad values fail before training with one message."""
 
 import subprocess
 import sys

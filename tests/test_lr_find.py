@@ -11,6 +11,7 @@ from sweep.lr_find import (
     DEFAULTS,
     LRFindResult,
     bounds_from,
+    explosion_start,
     load_settings,
     lr_find,
     main,
@@ -82,7 +83,8 @@ def test_range_test_on_the_article_data_stops_when_the_loss_explodes():
     s = load_settings(cfg, "lr_find", DEFAULTS, ["lr_find.min_lr=1e-4", "lr_find.steps=150"])
     result = lr_find(cfg, s)
     assert result.status == "diverged"  # SGD at lr=10 on this MSE blows up well before the end
-    assert len(result.lrs) == len(result.losses) == len(result.smoothed) < 150
+    assert len(result.lrs) == len(result.losses) < 150
+    assert 3 <= len(result.smoothed) <= len(result.lrs)  # smoothed up to the explosion
     assert all(b > a for a, b in zip(result.lrs, result.lrs[1:], strict=False))
     lowest = int(np.argmin(result.smoothed))
     assert 1e-4 <= result.steepest <= result.lr_at_min == result.lrs[lowest]
@@ -104,3 +106,13 @@ def test_cli_logs_the_plot_and_prints_an_override(tmp_path, monkeypatch, capsys)
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "plots")]
     assert artifacts == ["plots/lr_find.png"]
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr_find/loss")) > 10
+
+
+def test_an_explosion_is_left_out_of_the_smoothing_so_it_cannot_hide_the_minimum():
+    lrs = np.logspace(-4, 0, 60)
+    losses = np.r_[np.linspace(2.0, 0.5, 50), [0.6, 1.5, 40, 900, 1e4] + [1e5] * 5]
+    cut = explosion_start(losses, 0.9, 4.0)
+    assert cut == 52  # the first loss above 4x the lowest smoothed value (40 > 4 x ~0.6)
+    steepest, lr_at_min = suggest(lrs[:cut], smooth(losses[:cut], 0.9))
+    assert lrs[45] <= lr_at_min <= lrs[51]  # smoothed with the explosion, it would sit far left
+    assert steepest < lr_at_min

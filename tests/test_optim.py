@@ -28,7 +28,7 @@ def test_every_optimizer_option_builds_and_steps(name):
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.randn(8, 5)).pow(2).mean().backward()
     opt.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_sgd_settings_reach_the_optimizer():

@@ -459,6 +459,7 @@ def test_cli_writes_the_plot_and_the_table(tmp_path):
     assert float(rows[0]["lr"]) == pytest.approx(0.05)
 
 
+@pytest.mark.slow  # another CLI start (~5 s)
 def test_cli_draws_several_schedules_with_the_users_overrides(tmp_path):
     # scheduler.* overrides reach the drawn schedules that have the key; `++` lets Hydra accept
     # one that the primary schedule (cosine by default) lacks.
@@ -475,6 +476,7 @@ def test_cli_draws_several_schedules_with_the_users_overrides(tmp_path):
     assert len(by["cosine"]) == len(by["plateau"]) == 6
 
 
+@pytest.mark.slow  # another CLI start (~5 s)
 def test_cli_reports_a_bad_value_without_a_traceback(tmp_path):
     cmd = [sys.executable, "-m", "sweep.schedules", "scheduler=piecewise_constant",
            "scheduler.values=[1.0]", "+steps_per_epoch=2", f"hydra.run.dir={tmp_path}"]

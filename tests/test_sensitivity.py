@@ -65,7 +65,9 @@ def test_diverging_at_some_lr_counts_as_more_sensitive_and_mixed_results_are_sai
     summaries = summarize(runs("mlp3", "none", FLAT) + runs("mlp3", "pre", diverges)
                           + runs("mlp4", "none", VARIES) + runs("mlp4", "pre", FLAT), 2.0)
     text = conclusion(summaries, "model.bn", ["none", "pre"])
-    assert "mixed effects, making mlp3 more sensitive, mlp4 less sensitive" in text
+    assert text.startswith("Here, compared with model.bn=none, model.bn=pre had mixed effects: "
+                           "it made mlp3 more sensitive to the learning rate and made mlp4 less "
+                           "sensitive to the learning rate (mlp3: ")
     assert "varied inf" in text
 
 
@@ -128,3 +130,17 @@ def test_unknown_settings_and_too_few_values_fail_before_training():
         run_study(["experiment=bn_sensitivity", "sensitivity.lr=[0.1]"])
     with pytest.raises(ConfigError, match="at least two values"):
         run_study(["experiment=bn_sensitivity", "sensitivity.values=[pre]"])
+
+
+def test_any_config_key_can_be_the_factor_even_without_mlflow(tmp_path):
+    result = run_study(["model=mlp", "dataset=synthetic_regression", "scheduler=constant",
+                        "trainer.epochs=2", "trainer.progress=false", "tracking=none",
+                        "sensitivity.factor=optimizer.momentum", "sensitivity.values=[0,0.9]",
+                        "sensitivity.lrs=[0.01,0.001]", "sensitivity.seeds=[1]"],
+                       output_dir=tmp_path)
+    assert result.parent_run_id is None
+    assert [(s.variant, s.value) for s in result.summaries] == [("model", "0"), ("model", "0.9")]
+    assert "optimizer.momentum=0.9" in result.conclusion
+    assert result.conclusion.endswith("1 seed, so no error bars).")
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "lr_panels.png", "lr_curve.png", "sensitivity.md", "runs.csv"}

@@ -1,6 +1,7 @@
-"""The trainer on real (tiny) training runs: schedules applied exactly, divergence, clipping, resume, AMP."""
+"""The trainer on real tiny runs: exact schedules, divergence, clipping, resume, AMP."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,7 +104,7 @@ def test_resume_continues_with_the_same_lrs_and_losses(tmp_path, scheduler):
 
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5]
     assert [r["lr"] for r in resumed.lr_trace] == [r["lr"] for r in full.lr_trace]
-    for a, b in zip(resumed.history, full.history):
+    for a, b in zip(resumed.history, full.history, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["val_acc"] == b["val_acc"]
 
 
@@ -118,7 +119,8 @@ def test_callback_sees_each_epoch_and_can_stop_the_run(tmp_path):
 
 def test_per_layer_learning_rates_keep_their_ratio_under_a_schedule(tmp_path):
     cfg = config("scheduler=exponential", "scheduler.gamma=0.5", "trainer.epochs=3",
-                 "optimizer.lr=0.08", "optimizer.param_groups=[{pattern: '^1\\.', lr_scale: 0.25, name: first}]")
+                 "optimizer.lr=0.08",
+                 "optimizer.param_groups=[{pattern: '^1\\.', lr_scale: 0.25, name: first}]")
     result = train(cfg, output_dir=tmp_path)
 
     for h in result.history:
@@ -153,3 +155,25 @@ def test_fp16_counts_the_steps_the_gradient_scaler_skips(tmp_path):
 def test_a_loss_that_does_not_fit_the_task_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="trainer.loss='cross_entropy'"):
         train(config("trainer.loss=cross_entropy"), output_dir=tmp_path)
+
+
+def test_data_too_large_for_the_device_goes_through_a_dataloader(tmp_path):
+    result = train(config("trainer.device_data_max_mb=0", "trainer.num_workers=0",
+                          "trainer.epochs=4", "optimizer.lr=0.05"), output_dir=tmp_path)
+    assert result.status == "completed"
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST").is_dir(), reason="needs ../shared/data/MNIST")
+def test_the_cnn_learns_real_mnist_from_the_archives(tmp_path):
+    cfg = compose(["dataset=mnist", f"dataset.archives={SHARED_DATA}",
+                   f"dataset.root={tmp_path / 'data'}", "dataset.train_size=4000", "model=cnn",
+                   "model.channels=[16,32]",
+                   "optimizer=sgd", "optimizer.lr=0.05", "scheduler=cosine", "trainer.epochs=3",
+                   "trainer.batch_size=64", "trainer.progress=false", "tracking=none"])
+    result = train(cfg, output_dir=tmp_path)
+    assert result.status == "completed"
+    assert result.history[-1]["val_acc"] > 0.8  # chance is 0.1

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose the config exactly as `python -m sweep <overrides>` would, without running anything."""
+    """Compose the config as `python -m sweep <overrides>` would, without running anything."""
     # Inside a running Hydra app (a CLI that composes one config per schedule or trial) Hydra is
     # already initialised; set its state aside for the compose and put it back afterwards.
     global_hydra = GlobalHydra.instance()
@@ -40,7 +40,7 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
 
 
 def with_choices(cfg: DictConfig, choices: Mapping[str, Any]) -> DictConfig:
-    """Record which option of each group was picked (`scheduler: cosine`), for run names and tags."""
+    """Record the option picked in each group (`scheduler: cosine`), for run names and tags."""
     picked = {g: c for g, c in choices.items() if not g.startswith("hydra") and c is not None}
     with open_dict(cfg):
         cfg.choices = picked

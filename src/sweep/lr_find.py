@@ -97,7 +97,8 @@ class LRFindResult:
 
     lrs: list[float] = field(default_factory=list)       # the lr each step applied
     losses: list[float] = field(default_factory=list)    # that step's batch loss
-    smoothed: list[float] = field(default_factory=list)  # zero-lag smoothing of `losses`
+    smoothed: list[float] = field(default_factory=list)  # zero-lag smoothing of `losses`, up
+                                                         # to where the loss explodes
     steepest: float = math.nan    # lr of the steepest descent of the smoothed curve
     lr_at_min: float = math.nan   # lr at the smoothed curve's minimum
     status: str = "completed"     # completed (reached max_lr) | diverged (stopped early)
@@ -123,6 +124,21 @@ def smooth(losses: Sequence[float], beta: float) -> np.ndarray:
     would move the suggestion towards the explosion.
     """
     return ema(ema(losses, beta)[::-1], beta)[::-1]
+
+
+def explosion_start(losses: Sequence[float], beta: float, diverge: float) -> int:
+    """The first step whose loss exceeds `diverge` x the lowest smoothed loss before it.
+
+    The points from there on are left out of the smoothing: smoothed backwards, an explosion to
+    100x would leak into the steps before it and hide the minimum.
+    """
+    avg, best = 0.0, math.inf
+    for i, loss in enumerate(losses):
+        if loss > diverge * best:
+            return i
+        avg = beta * avg + (1 - beta) * loss
+        best = min(best, avg / (1 - beta ** (i + 1)))
+    return len(losses)
 
 
 def suggest(lrs: Sequence[float], smoothed: Sequence[float], skip_start: int = 5
@@ -226,8 +242,9 @@ def lr_find(cfg: DictConfig, settings: DictConfig | None = None, tracker: Any = 
     if len(result.lrs) < 3:
         raise ConfigError(f"lr_find stopped after {len(result.lrs)} steps: the loss exploded at "
                           f"lr={s.min_lr:g}; lower lr_find.min_lr")
-    result.smoothed = smooth(result.losses, s.smoothing).tolist()
-    result.steepest, result.lr_at_min = suggest(result.lrs, result.smoothed, s.skip_start)
+    cut = max(explosion_start(result.losses, s.smoothing, s.diverge), 3)
+    result.smoothed = smooth(result.losses[:cut], s.smoothing).tolist()
+    result.steepest, result.lr_at_min = suggest(result.lrs[:cut], result.smoothed, s.skip_start)
     return result
 
 
@@ -250,7 +267,8 @@ def lr_find_figure(result: LRFindResult, title: str = "LR range test"):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(result.lrs, result.losses, color="0.75", lw=0.8, label="batch loss")
-    ax.plot(result.lrs, result.smoothed, color="C0", lw=2, label="smoothed")
+    ax.plot(result.lrs[:len(result.smoothed)], result.smoothed, color="C0", lw=2,
+            label="smoothed (until the loss explodes)")
     for lr, color, label in ((result.steepest, "C3", "steepest descent"),
                              (result.min_over_10, "C2", "minimum / 10")):
         ax.axvline(lr, color=color, ls="--", lw=1.2, label=f"{label}: {lr:.3g}")
@@ -264,7 +282,7 @@ def lr_find_figure(result: LRFindResult, title: str = "LR range test"):
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss")
-    ax.set_title(f"{title} ({result.status} after {len(result.lrs)} steps)")
+    ax.set_title(f"{title}\n{result.status} after {len(result.lrs)} steps", fontsize="medium")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -275,8 +293,9 @@ def curve_csv(result: LRFindResult) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["step", "lr", "loss", "smoothed"])
-    for i, row in enumerate(zip(result.lrs, result.losses, result.smoothed, strict=True)):
-        writer.writerow([i, *(f"{v:.6g}" for v in row)])
+    for i, (lr, loss) in enumerate(zip(result.lrs, result.losses, strict=True)):
+        smoothed = f"{result.smoothed[i]:.6g}" if i < len(result.smoothed) else ""
+        writer.writerow([i, f"{lr:.6g}", f"{loss:.6g}", smoothed])
     return buf.getvalue()
 
 
@@ -299,7 +318,7 @@ def run(overrides: Sequence[str]) -> tuple[LRFindResult, Path]:
     hydra_items, own = split_settings(overrides, "lr_find")
     cfg = compose(hydra_items)
     settings = load_settings(cfg, "lr_find", DEFAULTS, own)
-    out_dir = timestamped_dir("lr_find", settings.output_dir)
+    out_dir = timestamped_dir("lr_find", settings.output_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     with mlflow_run(cfg, run_name_=f"lr_find-{run_name(cfg)}", tags={"kind": "lr_find"}) as tracker:
         if tracker is not None:
@@ -311,9 +330,6 @@ def run(overrides: Sequence[str]) -> tuple[LRFindResult, Path]:
         (out_dir / "lr_find.csv").write_text(curve_csv(result))
         (out_dir / "summary.txt").write_text(summary(result) + "\n")
         if tracker is not None:
-            import mlflow
-
-            mlflow.flush_async_logging()
             low, high = bounds_from(result)
             tracker.log_step(len(result.lrs), {"lr_find/steepest": result.steepest,
                                   "lr_find/lr_at_min": result.lr_at_min,

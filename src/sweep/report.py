@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from sweep.config import ConfigError
 
@@ -70,7 +71,8 @@ def lr_figure(rows_by_schedule: dict[str, list[dict[str, Any]]], x: str = "step"
 # --- training curves -----------------------------------------------------------------------------
 
 
-def loss_figure(history: list[dict[str, Any]], metric_name: str, title: str | None = None) -> Figure:
+def loss_figure(history: list[dict[str, Any]], metric_name: str,
+                title: str | None = None) -> Figure:
     """Train and validation loss per epoch (log scale when they span decades), and the metric."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -351,6 +353,7 @@ def curves_figure(results: list[ScheduleResult], metric: str) -> Figure:
     if values and max(values) / min(values) > 100:
         ax.set_yscale("log")
     ax.set(xlabel="epoch", ylabel=metric, title=f"{metric}: mean and range over seeds")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     return fig
@@ -358,8 +361,9 @@ def curves_figure(results: list[ScheduleResult], metric: str) -> Figure:
 
 def report_lr_figure(results: list[ScheduleResult]) -> Figure:
     """Each schedule's lr per epoch (its first run's; the tuned lrs differ between schedules)."""
+    # Epoch e's lr holds over [e-1, e): a closing point at the end draws the last epoch too.
     rows = {r.schedule: [{"step": e, "epoch": e + 1, "group": "default", "lr": lr}
-                         for e, lr in enumerate(r.runs[0].lrs)]
+                         for e, lr in enumerate([*r.runs[0].lrs, r.runs[0].lrs[-1]])]
             for r in results if r.runs and r.runs[0].lrs}
     lrs = [row["lr"] for v in rows.values() for row in v if row["lr"] > 0]
     log_y = bool(lrs) and max(lrs) / min(lrs) > 100

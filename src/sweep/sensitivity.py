@@ -166,14 +166,20 @@ def conclusion(summaries: Sequence[Summary], factor: str, values: Sequence[str],
         kinds = set(verdicts.values())
         subject = "the model" if len(pairs) == 1 else "the models"
         if kinds == {"more"} or kinds == {"less"}:
-            head = f"{factor}={value} made {subject} {kinds.pop()} sensitive to the learning rate"
+            head = (f"Here {factor}={value} made {subject} {kinds.pop()} sensitive to the "
+                    f"learning rate than {factor}={base}")
         elif kinds == {"unclear"}:
-            head = (f"{factor}={value} made no clear difference to how sensitive {subject} "
-                    "were to the learning rate")
+            head = (f"Here {factor}={value} made no clear difference to how sensitive {subject} "
+                    f"were to the learning rate, compared with {factor}={base}")
         else:
-            named = [f"{v} {k} sensitive" if k != "unclear" else f"{v} no clearer"
-                     for v, k in verdicts.items()]
-            head = f"{factor}={value} had mixed effects, making " + ", ".join(named)
+            parts = [f"made {', '.join(v for v, k in verdicts.items() if k == kind)} {kind} "
+                     "sensitive to the learning rate" for kind in ("more", "less")
+                     if kind in kinds]
+            if "unclear" in kinds:
+                parts.append("made no clear difference for "
+                             + ", ".join(v for v, k in verdicts.items() if k == "unclear"))
+            head = (f"Here, compared with {factor}={base}, {factor}={value} had mixed effects: "
+                    f"it {' and '.join(parts)}")
         evidence = "; ".join(
             f"{v}: final {metric} varied {fmt(t.lr_spread)} ± {fmt(t.lr_spread_se)} vs "
             f"{fmt(b.lr_spread)} ± {fmt(b.lr_spread_se)} decades across the lrs, good-lr range "
@@ -181,7 +187,7 @@ def conclusion(summaries: Sequence[Summary], factor: str, values: Sequence[str],
             f"{b.best_loss:.3g}" for v, t, b in pairs)
         n = min(min(t.n_seeds, b.n_seeds) for _, t, b in pairs)
         seeds = f"{n} seeds" if n > 1 else "1 seed, so no error bars"
-        sentences.append(f"Here {head} than {factor}={base} ({evidence}; {seeds}).")
+        sentences.append(f"{head} ({evidence}; {seeds}).")
     return " ".join(sentences)
 
 
@@ -196,12 +202,35 @@ def fmt(x: float) -> str:
 
 # --- running the grid ---------------------------------------------------------------------------
 
+def override_value(value: Any) -> str:
+    """A factor value as Hydra override text: `true`, `null`, `[4,4]`, `pre`."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(map(override_value, value)) + "]"
+    return str(value)
+
+
 def grid(settings: DictConfig) -> list[tuple[str, list[str], str, float, int]]:
     """(variant, its overrides, factor value, lr, seed) for every run, in the order they run."""
     models = dict(settings.models or {}) or {"model": []}
-    return [(variant, list(overrides), str(value), float(lr), int(seed))
+    return [(variant, list(overrides), override_value(value), float(lr), int(seed))
             for variant, overrides in models.items() for value in settings["values"]
             for lr in settings.lrs for seed in settings.seeds]
+
+
+def in_grid_order(points: list[Point], settings: DictConfig) -> list[Point]:
+    """Variants and values in the settings' order (the baseline value first), then lr and seed."""
+    variants = list(settings.models or {}) or ["model"]
+    values = [override_value(v) for v in settings["values"]]
+
+    def position(p: Point) -> tuple:
+        return (variants.index(p.variant) if p.variant in variants else len(variants), p.variant,
+                values.index(p.value) if p.value in values else len(values), p.value, p.lr,
+                p.seed)
+    return sorted(points, key=position)
 
 
 def check(settings: DictConfig) -> None:
@@ -288,10 +317,20 @@ def points_from_store(parent_run_id: str, metric: str) -> list[Point]:
                             r.info.run_id))
     if not points:
         raise ConfigError(f"sensitivity.from_run={parent_run_id!r}: no grid runs under that run")
-    return sorted(points, key=lambda p: (p.variant, p.value, p.lr, p.seed))
+    return points
 
 
 # --- figures and tables -------------------------------------------------------------------------
+
+def loss_axis(ax: Any, values: Sequence[float]) -> None:
+    """A log axis when the values span more than a decade and a half, with plain numbers."""
+    from matplotlib.ticker import ScalarFormatter
+
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    if finite and max(finite) / min(finite) > 30:
+        ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(ScalarFormatter())  # 20, not 2 x 10^1
+
 
 def _styles(points: Sequence[Point]) -> dict[tuple[str, str], dict[str, Any]]:
     """Colour per variant, line style per factor value, stable across figures."""
@@ -335,7 +374,7 @@ def panels_figure(points: Sequence[Point], factor: str, metric: str = "train_los
                 ax.fill_between(epochs, np.nanmin(grid_, 0), np.nanmax(grid_, 0), alpha=0.15,
                                 color=styles[key]["color"])
         ax.set_title(f"lr = {lr:g}")
-        ax.set_yscale("log")
+        loss_axis(ax, [v for p in points for v in p.curve])
         ax.set_ylabel(metric)
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes.flat[len(lrs):]:
@@ -362,15 +401,21 @@ def lr_curve_figure(summaries: Sequence[Summary], points: Sequence[Point], facto
     styles = _styles(points)
     short = factor.split(".")[-1]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in summaries:
+    for k, s in enumerate(summaries):
         style = styles[s.variant, s.value]
-        ax.plot(s.lrs, s.geo_mean, marker="o", lw=1.6, label=f"{s.variant} {short}={s.value}",
+        # Nudge each model sideways a little so dots at the same lr do not hide each other.
+        nudge = 10 ** (0.015 * (k - (len(summaries) - 1) / 2))
+        xs = [lr * nudge for lr in s.lrs]
+        ax.plot(xs, s.geo_mean, marker="o", lw=1.6, label=f"{s.variant} {short}={s.value}",
                 **style)
-        for lr, finals in zip(s.lrs, s.finals, strict=True):
+        for x, finals in zip(xs, s.finals, strict=True):
             ok = [f for f in finals if math.isfinite(f)]
-            ax.scatter([lr] * len(ok), ok, s=12, alpha=0.5, color=style["color"])
+            ax.scatter([x] * len(ok), ok, s=12, alpha=0.5, color=style["color"])
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.set_xticks(sorted({p.lr for p in points}), [f"{lr:g}" for lr in sorted({p.lr for p in
+                                                                                points})])
+    ax.minorticks_off()
+    loss_axis(ax, [f for s in summaries for finals in s.finals for f in finals])
     ax.set_xlabel("learning rate")
     ax.set_ylabel(f"final {metric}")
     ax.set_title("final loss against learning rate (line: geometric mean over seeds)")
@@ -445,7 +490,7 @@ def run_study(overrides: Sequence[str], output_dir: str | Path | None = None) ->
     cfg = compose(hydra_items)
     s = load_settings(cfg, "sensitivity", DEFAULTS, own)
     check(s)
-    out_dir = Path(output_dir) if output_dir else timestamped_dir(s.name, s.output_dir)
+    out_dir = (Path(output_dir) if output_dir else timestamped_dir(s.name, s.output_dir)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tags = {"kind": "sensitivity", "factor": s.factor}
@@ -453,12 +498,13 @@ def run_study(overrides: Sequence[str], output_dir: str | Path | None = None) ->
                                               run_id=s.from_run) as parent:
         points = run_grid(hydra_items, s, out_dir) if not s.from_run else []
         if parent is not None:  # analyse what the store holds, not what this process remembers
-            points = points_from_store(parent.run_id, s.metric)
+            points = in_grid_order(points_from_store(parent.run_id, s.metric), s)
         elif s.from_run:
             fail("sensitivity.from_run", s.from_run, "needs tracking enabled to read the runs")
         seconds = time.perf_counter() - started
         summaries = summarize(points, s.margin)
-        text = conclusion(summaries, s.factor, [str(v) for v in s["values"]], s.metric)
+        text = conclusion(summaries, s.factor, [override_value(v) for v in s["values"]],
+                          s.metric)
         figures = {"lr_panels.png": panels_figure(points, s.factor, s.metric),
                    "lr_curve.png": lr_curve_figure(summaries, points, s.factor, s.metric)}
         report = markdown(s, summaries, text, list(figures), overrides, seconds, len(points))
@@ -496,8 +542,10 @@ def markdown(s: DictConfig, summaries: Sequence[Summary], text: str, figures: Se
         f"loss is within {s.margin:g}x the best; seed spread = std over seeds of log10 loss.", "",
         tables_markdown(summaries, s.factor, s.margin, s.metric), "",
         "## Evidence", "",
-        f"{n_runs} runs, lrs {list(s.lrs)}, seeds {list(s.seeds)}, {seconds:.0f} s wall time "
-        "(training, tracking and reading back).", "", environment(), ""])
+        f"{n_runs} runs, lrs {list(s.lrs)}, seeds {list(s.seeds)}; " + (
+            f"re-analysed from the stored runs of MLflow run {s.from_run}." if s.from_run else
+            f"{seconds:.0f} s wall time (training, tracking and reading back)."), "",
+        environment(), ""])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -509,7 +557,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"sweep.sensitivity: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(result.conclusion)
-    print(f"{len(result.points)} runs in {result.seconds:.0f} s; figures, tables and "
+    print(f"{len(result.points)} runs, {result.seconds:.0f} s; figures, tables and "
           f"sensitivity.md in {result.output_dir}")
     if result.parent_run_id:
         print(f"logged to MLflow parent run {result.parent_run_id}")

@@ -18,6 +18,7 @@ import re
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -227,16 +228,20 @@ def default_storage(out_dir: Path, workers: int) -> str:
     return f"sqlite:///{db}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str, shared: bool = False) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL, or from a journal file path (`*.journal`, `*.log`)."""
     if url.endswith((".journal", ".log")):
         from optuna.storages.journal import JournalFileBackend
         return optuna.storages.JournalStorage(JournalFileBackend(url))
-    # Heartbeats let a later run fail the trials of a worker that was killed (another machine's).
-    # SQLite waits up to a minute for a lock held by another worker rather than erroring.
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30,
-                                      grace_period=120)
+    # SQLite: wait up to a minute for a lock another worker holds, rather than failing.
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    if shared:  # heartbeats let a later run fail the trials of a killed worker on another machine
+        kwargs.update(heartbeat_interval=30, grace_period=120)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, **kwargs)
 
 
 def trial_state(t: FrozenTrial) -> str:
@@ -249,9 +254,10 @@ def trial_state(t: FrozenTrial) -> str:
 
 
 def counts(t: FrozenTrial) -> bool:
-    """Whether a trial uses up budget. Interrupted and surplus trials do not, so they run again;
-    a trial that raised does (it would most likely raise again)."""
-    return trial_state(t) not in ("interrupted", "surplus")
+    """Whether a trial has used up budget. Interrupted and surplus trials have not, so they run
+    again; a trial that raised has (it would most likely raise again); a waiting (enqueued) trial
+    has not yet: the next `ask` runs it."""
+    return trial_state(t) not in ("interrupted", "surplus", "waiting")
 
 
 def used_budget(study: optuna.Study, before: int | None = None) -> int:
@@ -370,7 +376,7 @@ def work(plan: Plan, nested: bool = True, worker: int = 0) -> None:
 
     torch.set_num_threads(plan.threads)  # N workers share the cores instead of oversubscribing
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(plan.storage)
+    storage = open_storage(plan.storage, shared=bool(plan.settings["storage"]))
     for schedule in plan.schedules:
         budget = plan.budget[schedule]
         probe = optuna.load_study(study_name=plan.study_name(schedule), storage=storage)
@@ -450,8 +456,8 @@ def make_plan(cfg: DictConfig, argv: list[str]) -> Plan:
 
 def open_studies(plan: Plan) -> dict[str, optuna.Study]:
     """Create or load each schedule's study; trials a killed run left RUNNING are failed."""
-    storage = open_storage(plan.storage)
     owned = not plan.settings["storage"]  # nobody else writes to the default storage
+    storage = open_storage(plan.storage, shared=not owned)
     studies = {}
     for schedule in plan.schedules:
         study = optuna.create_study(study_name=plan.study_name(schedule), storage=storage,
@@ -501,6 +507,7 @@ def run_study(argv: list[str]) -> Any:
     """Search, confirm and report; returns the `sweep.study_report.Summary`."""
     from sweep.study_report import summarize
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from us
     cfg = compose(argv, config_name="sweep")
     plan = make_plan(cfg, argv)
     plan.out_dir.mkdir(parents=True, exist_ok=True)

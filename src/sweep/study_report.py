@@ -214,10 +214,12 @@ def figure_of(axes: Any) -> Any:
 
 def optuna_figures(studies: dict[str, optuna.Study], plan: Plan) -> dict[str, Any]:
     """Optimisation history (all schedules), and per schedule importances and lr x knob contour."""
+    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
     figures: dict[str, Any] = {}
-    with warnings.catch_warnings():
+    # Optuna's plots switch pyplot's global style to ggplot: keep that to them.
+    with warnings.catch_warnings(), plt.rc_context():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
         figures["optimization_history.png"] = figure_of(ovm.plot_optimization_history(
             list(studies.values()), target_name=plan.metric))

@@ -266,7 +266,8 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
             result.best_metric, result.best_epoch = metrics[metric_name], epoch
         if tracker is not None:
             tracker.log_epoch(epoch, metrics)
-        bar.set_postfix(train_loss=f"{train_loss:.4g}", **{metric_name: f"{metrics[metric_name]:.4g}"})
+        bar.set_postfix(train_loss=f"{train_loss:.4g}",
+                        **{metric_name: f"{metrics[metric_name]:.4g}"})
 
         # 4. Stop a run that diverged instead of burning the remaining epochs.
         if not math.isfinite(train_loss) or not math.isfinite(metrics["val_loss"]) or (

@@ -1,0 +1,236 @@
+"""`python -m sweep.study` on tiny real studies: storage, MLflow, resume, pruning, workers."""
+
+import math
+import shlex
+import warnings
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from sweep.config import ConfigError, compose
+from sweep.study import grid_values, main, make_pruner, run_study, trial_state
+from sweep.study_report import Row, verdict
+
+# 2 schedules x 2 trials x 2 epochs of a small MLP on 200 regression samples (3 steps per epoch).
+TINY = ["study=tiny", "dataset=synthetic_regression", "dataset.n_samples=200", "model=mlp",
+        "trainer.batch_size=50", "optimizer.momentum=0"]
+
+
+def studies_in(out_dir, name="tiny", schedules=("step", "cosine")):
+    storage = f"sqlite:///{out_dir / 'optuna.db'}"
+    return {s: optuna.load_study(study_name=f"{name}/{s}", storage=storage) for s in schedules}
+
+
+def finished(study):
+    return {t.number: t.params for t in study.trials
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One MLflow store for the module: creating a SQLite store costs seconds of migrations."""
+    root = tmp_path_factory.mktemp("mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        yield root
+
+
+@pytest.fixture(scope="module")
+def tracked(store, tmp_path_factory):
+    """The tiny study with MLflow and plots, run twice: the second invocation must resume."""
+    out = tmp_path_factory.mktemp("study") / "tiny"
+    argv = [*TINY, f"study.output_dir={out}"]
+    first = run_study(argv)
+    before = {s: finished(study) for s, study in studies_in(out).items()}
+    second = run_study(argv)
+    return {"out": out, "argv": argv, "first": first, "second": second, "before": before}
+
+
+def test_the_storage_holds_every_schedules_trials(tracked):
+    for schedule, study in studies_in(tracked["out"]).items():
+        assert len(finished(study)) == 2, schedule
+        assert {trial_state(t) for t in study.trials} <= {"complete", "pruned", "diverged"}
+        assert all(t.user_attrs["overrides"][0].startswith("optimizer.lr=") for t in study.trials)
+
+
+def test_a_second_invocation_resumes_without_rerunning_finished_trials(tracked):
+    after = {s: finished(study) for s, study in studies_in(tracked["out"]).items()}
+    assert after == tracked["before"]
+    # The confirmation runs are cached too: the same table comes back.
+    first, second = tracked["first"], tracked["second"]
+    assert [(r.schedule, r.values) for r in first.rows] == [
+        (r.schedule, r.values) for r in second.rows]
+
+
+def test_mlflow_holds_a_parent_with_nested_trials_and_the_summary(tracked):
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("sweep")
+    parents = client.search_runs([experiment.experiment_id],
+                                 "tags.role = 'study' and tags.study = 'tiny'")
+    assert len(parents) == 1  # the second invocation reopened it
+    parent = parents[0]
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    trials = [r for r in children if r.data.tags["role"] == "trial"]
+    confirms = [r for r in children if r.data.tags["role"] == "confirm"]
+    assert len(trials) == 4 and len(confirms) == 2 * 2  # 2 schedules x 2 seeds
+    for run in trials:
+        assert run.data.tags["state"] in ("complete", "pruned", "diverged")
+        assert "optuna.trial" in run.data.tags and "optimizer.lr" in run.data.params
+        assert len(client.get_metric_history(run.info.run_id, "val_mse")) >= 1
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.md", "summary.csv", "plots", "best_overrides"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/best_val_curves.png",
+            "plots/best_lr_curves.png"} <= plots
+
+
+def test_the_best_configuration_is_saved_as_a_command_python_m_sweep_reruns(tracked):
+    out, summary = tracked["out"], tracked["first"]
+    for row in summary.rows:
+        words = shlex.split((out / "best_overrides" / f"{row.schedule}.txt").read_text())
+        assert words[:3] == ["python", "-m", "sweep"]
+        cfg = compose(words[3:])  # what `python -m sweep` composes: conf/config.yaml
+        best = studies_in(out)[row.schedule].trials[row.best_trial]
+        assert cfg.choices.scheduler == row.schedule and cfg.trainer.epochs == 2
+        assert cfg.optimizer.lr == pytest.approx(best.params["optimizer.lr"], rel=1e-5)
+    assert "| schedule |" in (out / "summary.md").read_text()
+
+
+def test_a_raised_budget_runs_only_the_missing_trials(tmp_path):
+    argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
+            "study.seeds=[1]", f"study.output_dir={tmp_path}"]
+    run_study(argv)
+    before = finished(studies_in(tmp_path, schedules=["cosine"])["cosine"])
+    run_study([*argv, "study.trials=3"])
+    after = finished(studies_in(tmp_path, schedules=["cosine"])["cosine"])
+    assert len(after) == 3 and {n: after[n] for n in before} == before
+
+
+def test_a_trial_left_running_by_a_killed_run_is_run_again(tmp_path):
+    argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
+            "study.seeds=[1]", f"study.output_dir={tmp_path}"]
+    study = optuna.create_study(study_name="tiny/cosine", direction="minimize",
+                                storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study.ask()  # a trial whose process was killed: RUNNING forever
+
+    run_study(argv)
+    trials = studies_in(tmp_path, schedules=["cosine"])["cosine"].trials
+    assert trials[0].state == TrialState.FAIL and trial_state(trials[0]) == "interrupted"
+    assert len(finished(studies_in(tmp_path, schedules=["cosine"])["cosine"])) == 2
+
+
+@pytest.mark.parametrize("pruner", ["median", "halving", "hyperband"])
+def test_each_pruner_stops_a_trial_far_behind_the_others(pruner):
+    settings = {"pruner": pruner, "prune_after": 2, "warmup_epochs": 1, "reduction_factor": 3}
+    study = optuna.create_study(direction="maximize", pruner=make_pruner(settings, epochs=2))
+    for _ in range(3):  # three good trials, each reporting like the trainer's callback does
+        good = study.ask()
+        for epoch in (1, 2):
+            good.report(0.9, epoch)
+            good.should_prune()
+        study.tell(good, 0.9)
+    bad = study.ask()
+    bad.report(0.1, 1)
+    assert bad.should_prune()
+
+
+def test_a_study_prunes_a_hopeless_trial_of_its_schedule(tmp_path):
+    argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
+            "study.trials=3", "study.prune_after=2", "study.warmup_epochs=1", "study.seeds=[1]",
+            f"study.output_dir={tmp_path}"]
+    study = optuna.create_study(study_name="tiny/cosine", direction="minimize",
+                                storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    for lr in (0.05, 0.05, 1e-4):  # the last barely moves: far behind after one epoch
+        study.enqueue_trial({"optimizer.lr": lr})
+
+    summary = run_study(argv)
+    states = [trial_state(t) for t in studies_in(tmp_path, schedules=["cosine"])["cosine"].trials]
+    assert states == ["complete", "complete", "pruned"]
+    assert summary.rows[0].tally["pruned"] == 1
+
+
+def test_a_diverging_lr_and_a_raising_trial_are_recorded_and_the_study_goes_on(tmp_path):
+    argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[step]",
+            "study.trials=3", "study.pruner=none", "study.seeds=[1]",
+            f"study.output_dir={tmp_path}"]
+    study = optuna.create_study(study_name="tiny/step", direction="minimize",
+                                storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study.enqueue_trial({"optimizer.lr": 50.0})     # blows up in the first epoch
+    study.enqueue_trial({"scheduler.gamma": 1.5})   # the schedule refuses it: the trial raises
+    study.enqueue_trial({"optimizer.lr": 0.05})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna warns that the values are outside the space
+        summary = run_study(argv)
+
+    trials = studies_in(tmp_path, schedules=["step"])["step"].trials
+    assert [trial_state(t) for t in trials] == ["diverged", "failed", "complete"]
+    assert trials[0].state == TrialState.COMPLETE and trials[0].value >= trials[2].value
+    assert trials[1].state == TrialState.FAIL and "scheduler.gamma" in trials[1].user_attrs["error"]
+    assert summary.rows[0].best_trial == 2
+    assert summary.rows[0].tally == {"complete": 1, "pruned": 0, "diverged": 1, "failed": 1}
+
+
+def test_two_workers_complete_the_budget_together_with_distinct_trials(store, tmp_path):
+    argv = [*TINY, "study.plots=false", "study.schedules=[cosine]", "study.trials=4",
+            "study.workers=2", "study.seeds=[1]", "study.name=pair",
+            f"study.output_dir={tmp_path}"]
+    run_study(argv)
+
+    assert (tmp_path / "optuna.journal").exists() and not (tmp_path / "optuna.db").exists()
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal")))
+    trials = optuna.load_study(study_name="pair/cosine", storage=storage).trials
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == 4 and len({t.number for t in done}) == 4
+    assert all(trial_state(t) in ("complete", "pruned", "surplus") for t in trials)
+    # Both workers' trials are children of the study's one MLflow run.
+    client = mlflow.MlflowClient()
+    parent = client.search_runs([client.get_experiment_by_name("sweep").experiment_id],
+                                "tags.role = 'study' and tags.study = 'pair'")[0]
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}' and "
+                                  "tags.role = 'trial'")
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == sorted(
+        t.number for t in trials if trial_state(t) != "surplus")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["study.sampler=bayes"], "study.sampler='bayes' is not allowed: choose one of tpe, random"),
+    (["study.trials=0"], "study.trials=0 is not allowed: must be an integer >= 1"),
+    (["study.schedules=[step,nope]"], "study.schedules='nope' is not allowed: choose from"),
+    (["~scheduler.search_space"], "study.schedules='step' is not allowed: "
+                                  "conf/scheduler/step.yaml declares no search_space"),
+])
+def test_bad_study_settings_fail_before_training_with_a_clear_message(overrides, message,
+                                                                      tmp_path, capsys):
+    argv = [*TINY, "tracking=none", f"study.output_dir={tmp_path}", *overrides]
+    with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[")):
+        run_study(argv)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "optuna.db").exists()
+
+
+def test_a_winner_is_named_only_when_it_leads_by_more_than_the_seed_spread():
+    def row(name, *values):
+        return Row(name, {}, runs=[{"final": v, "status": "completed"} for v in values])
+
+    clear = [row("cosine", 0.95, 0.96, 0.97), row("step", 0.90, 0.91, 0.89)]
+    close = [row("cosine", 0.95, 0.99, 0.91), row("step", 0.94, 0.93, 0.95)]
+    assert verdict(clear, "val_acc")[0] == "cosine"
+    winner, line = verdict(close, "val_acc")
+    assert winner is None and "within the seed-to-seed spread" in line
+    assert verdict([row("cosine", 0.9), row("step", 0.8)], "val_acc")[0] is None  # one seed
+
+
+def test_grid_values_span_the_declared_range():
+    assert grid_values({"type": "float", "low": 1e-4, "high": 1.0, "log": True}, 3) == \
+        pytest.approx([1e-4, 1e-2, 1.0])
+    assert grid_values({"type": "int", "low": 1, "high": 5}, 3) == [1, 3, 5]
+    assert grid_values({"type": "categorical", "choices": [[30, 80], [50]]}, 3) == ["[30,80]",
+                                                                                 "[50]"]
+    assert not math.isnan(grid_values({"type": "float", "low": 0.1, "high": 0.9}, 2)[0])
