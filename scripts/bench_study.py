@@ -50,11 +50,13 @@ def main() -> None:
         make_plan,
         make_pruner,
         make_sampler,
+        open_storage,
         open_studies,
         parent_run,
         schedule_overrides,
         search,
         suggest,
+        with_values,
         without_scheduler,
     )
     from sweep.track import mlflow_run, use_store
@@ -72,23 +74,26 @@ def main() -> None:
                     "tracking=none"], "sweep")
     train(warm, output_dir=tmp)  # first-run costs (allocator, kernels) are not a trial's
 
-    # 1. End to end through the study's worker loop, under the study's MLflow parent run.
-    with parent_run(cfg, plan, studies):
-        study_time, _ = timed(search, plan)
-    trials = studies[args.schedule].trials
-    knobs = [t.user_attrs["overrides"] for t in trials]
-
-    # 2. The same configurations, bare.
+    # 1 and 2, interleaved so that a busy machine slows both alike: one more trial through the
+    # study's worker loop (under the study's MLflow parent run), then the same configuration bare.
     base = [*without_scheduler(argv), "tracking=none"]
-    bare = [timed(train, compose([*base, *schedule_overrides(args.schedule, plan.epochs, k)],
-                                 "sweep"), output_dir=tmp)[0] for k in knobs]
+    study_s, bare, knobs = [], [], []
+    with parent_run(cfg, plan, studies):
+        for i in range(args.trials):
+            plan.budget[args.schedule] = i + 1
+            study_s.append(timed(search, plan)[0])
+            knobs.append(studies[args.schedule].trials[-1].user_attrs["overrides"])
+            trial_cfg = compose([*base, *schedule_overrides(args.schedule, plan.epochs, knobs[-1])],
+                                "sweep")
+            bare.append(timed(train, trial_cfg, output_dir=tmp)[0])
+    trials = studies[args.schedule].trials
 
     # 3. The parts of the overhead, each alone.
-    compose_s = [timed(compose, [*without_scheduler(argv),
-                                 *schedule_overrides(args.schedule, plan.epochs, k)], "sweep")[0]
-                 for k in knobs]
+    trial_base = compose([*without_scheduler(argv), *schedule_overrides(args.schedule,
+                                                                        plan.epochs)], "sweep")
+    compose_s = [timed(with_values, trial_base, k)[0] for k in knobs]  # what a trial does
     space = plan.spaces[args.schedule]
-    study = optuna.create_study(storage=f"sqlite:///{tmp / 'optuna_parts.db'}",
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp / 'optuna_parts.db'}"),
                                 direction=plan.direction,
                                 sampler=make_sampler(plan.settings, space, seed=0),
                                 pruner=make_pruner({**plan.settings, "pruner": "median"},
@@ -119,21 +124,20 @@ def main() -> None:
     mlflow_s = [timed(mlflow_trial)[0] for _ in knobs]
 
     n = len(knobs)
-    train_mean = statistics.fmean(bare)
-    trial_mean = study_time / n
-    overhead = trial_mean - train_mean
+    median = statistics.median
+    train_mean = median(bare)
+    overhead = median(s - b for s, b in zip(study_s, bare, strict=True))
     rows = [("training alone (bare train(), no tracking)", train_mean),
-            ("a study trial, end to end", trial_mean),
-            ("framework overhead (difference)", overhead),
-            ("  compose the trial's config", statistics.fmean(compose_s)),
-            ("  Optuna: ask, suggest, report+prune per epoch, tell (SQLite)",
-             statistics.fmean(optuna_s)),
-            ("  MLflow: a run with params, config, per-epoch metrics, tags",
-             statistics.fmean(mlflow_s))]
+            ("a study trial, end to end", median(study_s)),
+            ("framework overhead (median of paired differences)", overhead),
+            ("  the trial's config (schedule's config + the sampled values)", median(compose_s)),
+            ("  Optuna: ask, suggest, report+prune per epoch, tell (SQLite)", median(optuna_s)),
+            ("  MLflow: a run with params, config, per-epoch metrics, tags", median(mlflow_s))]
     print(f"\n{n} trials of {cfg.choices.model}/{cfg.choices.dataset}, schedule {args.schedule}, "
           f"{plan.epochs} epochs each; torch {torch.__version__}, {torch.get_num_threads()} "
           f"threads, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"load average {os.getloadavg()[0]:.1f}")
+    print("medians over the trials; % of the training time")
     for label, seconds in rows:
         print(f"  {label:<64} {seconds:7.3f} s  {100 * seconds / train_mean:5.1f}%")
     print(f"overhead / training = {overhead / train_mean:.1%}")

@@ -16,12 +16,14 @@ import multiprocessing as mp
 import os
 import re
 import shlex
+import sqlite3
 import sys
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,20 @@ def rerun_command(plan: Plan, schedule: str, knobs: list[str]) -> str:
     return " ".join(["python -m sweep", *map(shlex.quote, words)])
 
 
+def with_values(base: DictConfig, overrides: list[str]) -> DictConfig:
+    """`base` with `key=value` overrides applied the way Hydra applies them after composing.
+
+    The same config as composing again with the overrides added, for a millisecond instead of
+    ~0.1 s a trial (every key is checked to exist when the study starts).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = copy.deepcopy(base)
+    for override in OverridesParser.create().parse_overrides(overrides):
+        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+    return cfg
+
+
 def schedule_space(argv: list[str], schedule: str, epochs: int) -> dict[str, dict]:
     """The schedule's declared search space, with every key checked against its composed config."""
     from sweep.schedules import search_space
@@ -228,15 +244,27 @@ def default_storage(out_dir: Path, workers: int) -> str:
     return f"sqlite:///{db}"
 
 
+def sqlite_connect(path: str) -> sqlite3.Connection:
+    """A SQLite connection tuned for a study: every report and tell is a commit, a few per epoch.
+
+    WAL lets readers (the dashboard, other workers) go on while one process writes, and
+    synchronous=NORMAL skips the fsync per commit, which made Optuna's share of a trial 5x slower.
+    A killed process still loses nothing it committed; only a power cut could lose the last ones.
+    """
+    conn = sqlite3.connect(path, timeout=60, check_same_thread=False)  # wait for other workers
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
 def open_storage(url: str, shared: bool = False) -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL, or from a journal file path (`*.journal`, `*.log`)."""
     if url.endswith((".journal", ".log")):
         from optuna.storages.journal import JournalFileBackend
         return optuna.storages.JournalStorage(JournalFileBackend(url))
-    # SQLite: wait up to a minute for a lock another worker holds, rather than failing.
     kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    if url.startswith("sqlite:///"):
+        kwargs["engine_kwargs"] = {"creator": partial(sqlite_connect, url.removeprefix("sqlite:///"))}
     if shared:  # heartbeats let a later run fail the trials of a killed worker on another machine
         kwargs.update(heartbeat_interval=30, grace_period=120)
     with warnings.catch_warnings():
@@ -302,6 +330,7 @@ class Objective:
 
     def __init__(self, plan: Plan, schedule: str, nested: bool):
         self.plan, self.schedule, self.nested = plan, schedule, nested
+        self.base: DictConfig | None = None  # the schedule's composed config, before the knobs
 
     def __call__(self, trial: optuna.Trial) -> float:
         from sweep.train import train
@@ -315,8 +344,10 @@ class Objective:
         params = suggest(trial, plan.spaces[schedule])
         knobs = [f"{key}={hydra_value(value)}" for key, value in params.items()]
         trial.set_user_attr("overrides", knobs)
-        cfg = compose([*without_scheduler(plan.argv),
-                       *schedule_overrides(schedule, plan.epochs, knobs)], "sweep")
+        if self.base is None:
+            self.base = compose([*without_scheduler(plan.argv),
+                                 *schedule_overrides(schedule, plan.epochs)], "sweep")
+        cfg = with_values(self.base, knobs)
         pruned = False
 
         def report(epoch: int, metrics: dict[str, float]) -> bool:
