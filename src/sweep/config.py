@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sweep import CONF_DIR
 
@@ -101,3 +103,50 @@ def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
     choices = list(choices)
     if value not in choices:
         fail(key, value, "choose one of " + ", ".join(map(str, choices)))
+
+
+# --- settings blocks (`lr_find.x=v`, `sensitivity.x=v`, `report.x=v`) ---------------------------
+
+def split_settings(overrides: Sequence[str], key: str) -> tuple[list[str], list[str]]:
+    """Separate `<key>.x=v` items (a module's own settings) from the Hydra overrides.
+
+    The settings are not part of the config tree, so Hydra would reject them as unknown keys.
+    """
+    hydra_items, own = [], []
+    for item in overrides:
+        name = item.lstrip("+~").split("=", 1)[0]
+        (own if name == key or name.startswith(key + ".") else hydra_items).append(item)
+    return hydra_items, own
+
+
+def load_settings(cfg: DictConfig | None, key: str, defaults: dict[str, Any],
+                  items: Sequence[str] = ()) -> DictConfig:
+    """Defaults, then the config's `<key>:` block (an experiment file's), then command-line items.
+
+    Unknown keys fail loudly, naming the allowed ones.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out = OmegaConf.create(dict(defaults))
+    block = cfg.get(key) if cfg is not None else None
+    pairs: list[tuple[str, Any]] = []
+    if block is not None:
+        pairs += list(OmegaConf.to_container(block, resolve=True).items())
+    for override in OverridesParser.create().parse_overrides(list(items)):
+        name = override.key_or_group.removeprefix(key).lstrip(".")
+        if not name:
+            fail(key, override.input_line, f"set one setting at a time: {key}.<name>=<value>")
+        pairs.append((name, override.value()))
+    for name, value in pairs:
+        if name.split(".")[0] not in defaults:
+            raise ConfigError(f"{key}.{name} is not a {key} setting; choose from "
+                              + ", ".join(defaults))
+        OmegaConf.update(out, name, value, merge=False)  # a list or dict replaces, not merges
+    return out
+
+
+def timestamped_dir(base: str, explicit: str | None) -> Path:
+    """`explicit`, else outputs/<base>/<date>/<time> like Hydra's run directories."""
+    if explicit:
+        return Path(explicit)
+    return Path("outputs") / base / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")

@@ -19,7 +19,6 @@ import csv
 import io
 import math
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +26,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sweep.config import ConfigError, check_int_at_least, check_positive, compose, fail, validate
+from sweep.config import (
+    ConfigError,
+    check_int_at_least,
+    check_positive,
+    compose,
+    fail,
+    load_settings,
+    split_settings,
+    timestamped_dir,
+    validate,
+)
 
 DEFAULTS: dict[str, Any] = {
     "min_lr": 1e-6,       # the first step's lr
@@ -40,53 +49,6 @@ DEFAULTS: dict[str, Any] = {
     "skip_start": 5,      # first points ignored by the suggestion (the average is still forming)
     "output_dir": None,   # null = outputs/lr_find/<date>/<time> under the working directory
 }
-
-
-# --- settings blocks (`lr_find.x=v`, `sensitivity.x=v`, `report.x=v`) ---------------------------
-
-def split_settings(overrides: Sequence[str], key: str) -> tuple[list[str], list[str]]:
-    """Separate `<key>.x=v` items (a module's own settings) from the Hydra overrides.
-
-    The settings are not part of the config tree, so Hydra would reject them as unknown keys.
-    """
-    hydra_items, own = [], []
-    for item in overrides:
-        name = item.lstrip("+~").split("=", 1)[0]
-        (own if name == key or name.startswith(key + ".") else hydra_items).append(item)
-    return hydra_items, own
-
-
-def load_settings(cfg: DictConfig | None, key: str, defaults: dict[str, Any],
-                  items: Sequence[str] = ()) -> DictConfig:
-    """Defaults, then the config's `<key>:` block (an experiment file's), then command-line items.
-
-    Unknown keys fail loudly, naming the allowed ones.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    out = OmegaConf.create(dict(defaults))
-    block = cfg.get(key) if cfg is not None else None
-    pairs: list[tuple[str, Any]] = []
-    if block is not None:
-        pairs += list(OmegaConf.to_container(block, resolve=True).items())
-    for override in OverridesParser.create().parse_overrides(list(items)):
-        name = override.key_or_group.removeprefix(key).lstrip(".")
-        if not name:
-            fail(key, override.input_line, f"set one setting at a time: {key}.<name>=<value>")
-        pairs.append((name, override.value()))
-    for name, value in pairs:
-        if name.split(".")[0] not in defaults:
-            raise ConfigError(f"{key}.{name} is not a {key} setting; choose from "
-                              + ", ".join(defaults))
-        OmegaConf.update(out, name, value, merge=False)  # a list or dict replaces, not merges
-    return out
-
-
-def timestamped_dir(base: str, explicit: str | None) -> Path:
-    """`explicit`, else outputs/<base>/<date>/<time> like Hydra's run directories."""
-    if explicit:
-        return Path(explicit)
-    return Path("outputs") / base / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
 
 
 # --- the range test ---------------------------------------------------------------------------

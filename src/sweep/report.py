@@ -441,8 +441,7 @@ def write_report(overrides: Sequence[str], output_dir: str | Path | None = None)
     import mlflow
 
     from sweep import CONF_DIR
-    from sweep.config import compose
-    from sweep.lr_find import load_settings, split_settings
+    from sweep.config import compose, load_settings, split_settings
     from sweep.track import use_store
 
     hydra_items, own = split_settings(overrides, "report")

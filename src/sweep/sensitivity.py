@@ -31,8 +31,15 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, open_dict
 
-from sweep.config import ConfigError, check_positive, compose, fail
-from sweep.lr_find import load_settings, split_settings, timestamped_dir
+from sweep.config import (
+    ConfigError,
+    check_positive,
+    compose,
+    fail,
+    load_settings,
+    split_settings,
+    timestamped_dir,
+)
 
 DEFAULTS: dict[str, Any] = {
     "name": "sensitivity",     # the parent MLflow run's name and the output folder
