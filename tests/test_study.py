@@ -2,15 +2,22 @@
 
 import math
 import shlex
+import signal
+import subprocess
+import sys
+import time
 import warnings
+from importlib.util import find_spec
 
 import mlflow
 import optuna
 import pytest
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from sweep.config import ConfigError, compose
-from sweep.study import grid_values, main, make_pruner, run_study, trial_state
+from sweep.study import Objective, main, make_plan, run_study, with_values
+from sweep.study_optuna import counts, grid_values, make_pruner, trial_state
 from sweep.study_report import Row, verdict
 
 # 2 schedules x 2 trials x 2 epochs of a small MLP on 200 regression samples (3 steps per epoch).
@@ -197,6 +204,60 @@ def test_two_workers_complete_the_budget_together_with_distinct_trials(store, tm
         t.number for t in trials if trial_state(t) != "surplus")
 
 
+def test_a_worker_that_asks_past_the_budget_gives_its_trial_up(tmp_path):
+    argv = [*TINY, "tracking=none", "study.schedules=[cosine]", f"study.output_dir={tmp_path}"]
+    plan = make_plan(compose(argv, "sweep"), argv)  # a budget of 2 trials
+    study = optuna.create_study(direction=plan.direction)
+    study.ask(), study.ask()  # two trials that other workers are running
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study.optimize(Objective(plan, "cosine", nested=True), n_trials=1, catch=(Exception,))
+    late = study.trials[-1]
+    assert late.state == TrialState.FAIL and trial_state(late) == "surplus" and not counts(late)
+    assert "optimizer.lr" not in late.params  # given up before sampling or training anything
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "grid", "qmc", "cmaes"])
+def test_every_sampler_runs_a_reproducible_study(sampler, tmp_path):
+    argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[step]",
+            "study.seeds=[1]", f"study.sampler={sampler}", "study.startup_trials=1"]
+    if sampler == "cmaes" and find_spec("cmaes") is None:
+        with pytest.raises(ConfigError, match="needs the cmaes package: pip install cmaes"):
+            run_study([*argv, f"study.output_dir={tmp_path}"])
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. QMC's warning that it is experimental
+        for run in ("a", "b"):
+            run_study([*argv, f"study.output_dir={tmp_path / run}"])
+    a, b = (studies_in(tmp_path / run, schedules=["step"])["step"] for run in ("a", "b"))
+    assert len(finished(a)) == 2 and finished(a) == finished(b)
+
+
+def test_ctrl_c_loses_only_the_running_trial(tmp_path):
+    argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
+            "study.trials=3", "study.pruner=none", "study.seeds=[1]", "study.epochs=200",
+            f"study.output_dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.study", *argv], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "optuna.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until the second trial is training
+        time.sleep(0.5)
+        if db.exists() and len(optuna.load_study(study_name="tiny/cosine",
+                                                 storage=f"sqlite:///{db}").trials) == 2:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command to resume" in err
+    trials = studies_in(tmp_path, schedules=["cosine"])["cosine"].trials
+    assert [trial_state(t) for t in trials] == ["complete", "interrupted"]
+
+    run_study([*argv, "study.epochs=2"])  # shorter, to finish quickly: only 2 more trials run
+    trials = studies_in(tmp_path, schedules=["cosine"])["cosine"].trials
+    assert [trial_state(t) for t in trials] == ["complete", "interrupted", "complete", "complete"]
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["study.sampler=bayes"], "study.sampler='bayes' is not allowed: choose one of tpe, random"),
     (["study.trials=0"], "study.trials=0 is not allowed: must be an integer >= 1"),
@@ -234,3 +295,26 @@ def test_grid_values_span_the_declared_range():
     assert grid_values({"type": "categorical", "choices": [[30, 80], [50]]}, 3) == ["[30,80]",
                                                                                  "[50]"]
     assert not math.isnan(grid_values({"type": "float", "low": 0.1, "high": 0.9}, 2)[0])
+
+
+def test_a_trials_values_give_the_config_that_composing_with_them_gives():
+    base = ["model=mlp", "scheduler=step", "trainer.epochs=8"]
+    values = ["optimizer.lr=0.0123", "scheduler.gamma=0.7", "scheduler.step_size=3", "seed=4"]
+    fast = with_values(compose(base, "sweep"), values)
+    composed = compose([*base, *values], "sweep")
+    assert OmegaConf.to_container(fast, resolve=True) == OmegaConf.to_container(composed,
+                                                                                resolve=True)
+    assert fast.dataset.seed == 4  # interpolations see the new values
+
+
+def test_lr_bounds_auto_sets_every_schedules_lr_range_from_a_range_test(tmp_path):
+    from sweep.lr_find import suggest_lr_bounds
+
+    argv = [*TINY, "tracking=none", f"study.output_dir={tmp_path}", "study.lr_bounds=auto"]
+    cfg = compose(argv, "sweep")
+    plan = make_plan(cfg, argv)
+
+    low, high = suggest_lr_bounds(cfg)  # the range test is deterministic on the CPU
+    assert 0 < low < high
+    for space in plan.spaces.values():
+        assert space["optimizer.lr"] == {"type": "float", "low": low, "high": high, "log": True}

@@ -66,6 +66,7 @@ def validate(cfg: DictConfig) -> None:
     check_positive("trainer.huber_delta", t.huber_delta)
     check_positive("trainer.divergence_factor", t.divergence_factor)
     check_int_at_least("trainer.log_every_n_steps", t.log_every_n_steps, 0)
+    check_int_at_least("trainer.grad_norm_every", t.grad_norm_every, 0)
     check_int_at_least("trainer.checkpoint.every", t.checkpoint.every, 0)
     check_int_at_least("trainer.num_workers", t.num_workers, 0)
     device = str(t.device)

@@ -16,25 +16,33 @@ import multiprocessing as mp
 import os
 import re
 import shlex
-import sqlite3
 import sys
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import optuna
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import FrozenTrial, TrialState
 
 from sweep import CONF_DIR
 from sweep.config import ConfigError, check_choice, check_int_at_least, compose, fail, validate
+from sweep.study_optuna import (
+    default_storage,
+    diverged_value,
+    grid_values,
+    hydra_value,
+    make_pruner,
+    make_sampler,
+    open_storage,
+    suggest,
+    used_budget,
+)
 from sweep.track import mlflow_run, tracking_uri
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
@@ -66,7 +74,7 @@ class Plan:
         return f"{self.settings['name']}/{schedule}"
 
 
-# --- settings and search spaces ------------------------------------------------------------------
+# --- settings, overrides and search spaces ------------------------------------------------------
 
 def validate_study(cfg: DictConfig) -> None:
     """Check the `study` group before anything is trained; raises ConfigError naming the key."""
@@ -88,6 +96,7 @@ def validate_study(cfg: DictConfig) -> None:
         fail("study.target", s.target, "a number (the metric level), or null")
     if not re.fullmatch(r"[\w.\-]+", str(s.name)):
         fail("study.name", s.name, "letters, digits, '.', '-' and '_' only (it names files)")
+    check_choice("study.lr_bounds", s.lr_bounds, ("declared", "auto"))
     if s.sampler == "cmaes" and find_spec("cmaes") is None:
         fail("study.sampler", "cmaes", "needs the cmaes package: pip install cmaes")
 
@@ -104,17 +113,6 @@ def without_scheduler(argv: list[str]) -> list[str]:
 def training_overrides(argv: list[str]) -> list[str]:
     """The overrides `python -m sweep` understands: no study settings, no scheduler choice."""
     return [a for a in without_scheduler(argv) if override_key(a).split(".")[0] != "study"]
-
-
-def hydra_value(value: Any) -> str:
-    """A value as Hydra override syntax; floats keep 6 significant digits so commands read well."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    return str(value)
 
 
 def schedule_overrides(schedule: str, epochs: int, knobs: list[str] = ()) -> list[str]:
@@ -146,11 +144,10 @@ def schedule_space(argv: list[str], schedule: str, epochs: int) -> dict[str, dic
     """The schedule's declared search space, with every key checked against its composed config."""
     from sweep.schedules import search_space
 
-    try:
-        cfg = compose([*without_scheduler(argv), *schedule_overrides(schedule, epochs)], "sweep")
-    except MissingConfigException:
-        known = sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml"))
+    known = sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml"))
+    if schedule not in known:
         fail("study.schedules", schedule, "choose from " + ", ".join(known))
+    cfg = compose([*without_scheduler(argv), *schedule_overrides(schedule, epochs)], "sweep")
     if not cfg.scheduler.get("search_space"):
         fail("study.schedules", schedule, f"conf/scheduler/{schedule}.yaml declares no "
              "search_space, so there is nothing to tune; add one or leave the schedule out")
@@ -165,161 +162,7 @@ def schedule_space(argv: list[str], schedule: str, epochs: int) -> dict[str, dic
     return {key: dict(spec) for key, spec in spaces.items()}
 
 
-def optuna_choice(choice: Any) -> Any:
-    # Optuna stores only scalars; a list choice (milestones) is kept as its override text.
-    return hydra_value(choice) if isinstance(choice, list | tuple) else choice
-
-
-def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict[str, Any]:
-    """Sample one value per search-space key (`optimizer.lr`, `scheduler.gamma`, ...)."""
-    params = {}
-    for key, spec in space.items():
-        if spec["type"] == "float":
-            params[key] = trial.suggest_float(key, spec["low"], spec["high"],
-                                              log=bool(spec.get("log")), step=spec.get("step"))
-        elif spec["type"] == "int":
-            params[key] = trial.suggest_int(key, spec["low"], spec["high"],
-                                            step=spec.get("step") or 1, log=bool(spec.get("log")))
-        else:
-            params[key] = trial.suggest_categorical(key, [optuna_choice(c)
-                                                          for c in spec["choices"]])
-    return params
-
-
-def grid_values(spec: dict, points: int) -> list[Any]:
-    """The grid sampler's values for one key: `points` values across the range, or the choices."""
-    import numpy as np
-
-    if spec["type"] == "categorical":
-        return [optuna_choice(c) for c in spec["choices"]]
-    low, high = spec["low"], spec["high"]
-    values = np.geomspace(low, high, points) if spec.get("log") else np.linspace(low, high, points)
-    if spec.get("step"):  # snap onto the declared step
-        values = low + np.round((values - low) / spec["step"]) * spec["step"]
-    if spec["type"] == "int":
-        return sorted({int(round(v)) for v in values})
-    return sorted({float(v) for v in values})
-
-
-# --- Optuna pieces --------------------------------------------------------------------------------
-
-def make_sampler(s: dict, space: dict[str, dict], seed: int) -> optuna.samplers.BaseSampler:
-    """The configured sampler, seeded so that a study is reproducible."""
-    if s["sampler"] == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s["startup_trials"])
-    if s["sampler"] == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if s["sampler"] == "grid":
-        grid = {key: grid_values(spec, s["grid_points"]) for key, spec in space.items()}
-        return optuna.samplers.GridSampler(grid, seed=seed)
-    if s["sampler"] == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s["startup_trials"],
-                                            warn_independent_sampling=False)
-    return optuna.samplers.QMCSampler(seed=seed, scramble=True, warn_independent_sampling=False)
-
-
-def make_pruner(s: dict, epochs: int) -> optuna.pruners.BasePruner:
-    """The configured pruner; trials report their validation metric once per epoch."""
-    if s["pruner"] == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=s["prune_after"],
-                                           n_warmup_steps=s["warmup_epochs"])
-    first_rung = max(1, s["warmup_epochs"])
-    if s["pruner"] == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first_rung,
-                                                      reduction_factor=s["reduction_factor"])
-    if s["pruner"] == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=first_rung, max_resource=epochs,
-                                              reduction_factor=s["reduction_factor"])
-    return optuna.pruners.NopPruner()
-
-
-def default_storage(out_dir: Path, workers: int) -> str:
-    """SQLite in the output directory; a journal file for parallel workers (SQLite locks up).
-
-    Whichever file already exists wins, so changing `study.workers` resumes the same study.
-    """
-    db, journal = out_dir / "optuna.db", out_dir / "optuna.journal"
-    if journal.exists() or (workers > 1 and not db.exists()):
-        return str(journal)
-    return f"sqlite:///{db}"
-
-
-def sqlite_connect(path: str) -> sqlite3.Connection:
-    """A SQLite connection tuned for a study: every report and tell is a commit, a few per epoch.
-
-    WAL lets readers (the dashboard, other workers) go on while one process writes, and
-    synchronous=NORMAL skips the fsync per commit, which made Optuna's share of a trial 5x slower.
-    A killed process still loses nothing it committed; only a power cut could lose the last ones.
-    """
-    conn = sqlite3.connect(path, timeout=60, check_same_thread=False)  # wait for other workers
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    return conn
-
-
-def open_storage(url: str, shared: bool = False) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL, or from a journal file path (`*.journal`, `*.log`)."""
-    if url.endswith((".journal", ".log")):
-        from optuna.storages.journal import JournalFileBackend
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        kwargs["engine_kwargs"] = {"creator": partial(sqlite_connect, url.removeprefix("sqlite:///"))}
-    if shared:  # heartbeats let a later run fail the trials of a killed worker on another machine
-        kwargs.update(heartbeat_interval=30, grace_period=120)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, **kwargs)
-
-
-def trial_state(t: FrozenTrial) -> str:
-    """complete | pruned | diverged | failed | interrupted | surplus | running | waiting."""
-    if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
-        default = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(t.state,
-                                                                                     "interrupted")
-        return t.user_attrs.get("state", default)
-    return t.state.name.lower()
-
-
-def counts(t: FrozenTrial) -> bool:
-    """Whether a trial has used up budget. Interrupted and surplus trials have not, so they run
-    again; a trial that raised has (it would most likely raise again); a waiting (enqueued) trial
-    has not yet: the next `ask` runs it."""
-    return trial_state(t) not in ("interrupted", "surplus", "waiting")
-
-
-def used_budget(study: optuna.Study, before: int | None = None) -> int:
-    trials = study.get_trials(deepcopy=False)
-    return sum(counts(t) for t in trials if before is None or t.number < before)
-
-
-def best_trial(study: optuna.Study) -> FrozenTrial | None:
-    """The best trial that ran to the end (diverged trials carry a penalty value, never best)."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if trial_state(t) == "complete" and t.value is not None and math.isfinite(t.value)]
-    if not done:
-        return None
-    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-    return pick(done, key=lambda t: t.value)
-
-
 # --- one trial -----------------------------------------------------------------------------------
-
-def diverged_value(study: optuna.Study, metric: str, history: list[dict]) -> float:
-    """The worst value this schedule's study has seen, given to a diverged trial.
-
-    Diverged trials are told to Optuna as COMPLETE with this penalty rather than as FAIL: Optuna's
-    samplers ignore FAIL trials, so TPE would keep proposing the lr that blew up, and parameter
-    importances would miss that lr matters. `user_attrs["state"] = "diverged"` keeps them out of
-    the best configurations and counts them apart in the summary.
-    """
-    seen = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.value is not None and math.isfinite(t.value)]
-    seen += [h[metric] for h in history if math.isfinite(h.get(metric, math.nan))]
-    if study.direction == optuna.study.StudyDirection.MAXIMIZE:
-        return min(seen, default=0.0)
-    return max(seen, default=1e12)  # an error larger than anything a real run reports
-
 
 class SurplusTrial(RuntimeError):
     """Two workers asked for the last slot at once; the higher trial number gives it up."""
@@ -333,15 +176,33 @@ class Objective:
         self.base: DictConfig | None = None  # the schedule's composed config, before the knobs
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from sweep.train import train
-
         plan, schedule = self.plan, self.schedule
         if used_budget(trial.study, before=trial.number) >= plan.budget[schedule]:
             trial.set_user_attr("state", "surplus")
             trial.study.stop()
             raise SurplusTrial(f"{plan.study_name(schedule)} already has its "
                                f"{plan.budget[schedule]} trials")
-        params = suggest(trial, plan.spaces[schedule])
+        started, params = time.perf_counter(), {}
+        try:
+            params = suggest(trial, plan.spaces[schedule])
+            value, state, epochs = self.train(trial, params)
+        except BaseException as err:  # recorded here, then Optuna marks the trial FAIL
+            state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            trial.set_user_attr("state", state)
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
+            self.say(trial, state, None, params, started, f"{type(err).__name__}: {err}")
+            raise
+        trial.set_user_attr("state", state)
+        self.say(trial, state, value, params, started, f"epoch {epochs}")
+        if state == "pruned":
+            raise optuna.TrialPruned(f"pruned after epoch {epochs}")
+        return value
+
+    def train(self, trial: optuna.Trial, params: dict[str, Any]) -> tuple[float, str, int]:
+        """Train with the sampled values in the trial's MLflow run: (value, state, epochs run)."""
+        from sweep.train import train
+
+        plan, schedule = self.plan, self.schedule
         knobs = [f"{key}={hydra_value(value)}" for key, value in params.items()]
         trial.set_user_attr("overrides", knobs)
         if self.base is None:
@@ -353,14 +214,14 @@ class Objective:
         def report(epoch: int, metrics: dict[str, float]) -> bool:
             nonlocal pruned
             trial.report(metrics[plan.metric], epoch)
-            pruned = trial.should_prune()
+            # None of our pruners stops a trial before warmup_epochs; asking reads the storage.
+            pruned = epoch >= plan.settings["warmup_epochs"] and trial.should_prune()
             return pruned  # stop here, close the MLflow run cleanly, then tell Optuna
 
         tags = {"role": "trial", "study": plan.settings["name"], "schedule": schedule,
                 "optuna.study": plan.study_name(schedule), "optuna.trial": str(trial.number)}
         if plan.parent_run_id:  # what `nested` does in-process; needed in worker processes
             tags["mlflow.parentRunId"] = plan.parent_run_id
-        started = time.perf_counter()
         with mlflow_run(cfg, run_name_=f"{schedule}-{trial.number}", nested=self.nested,
                         tags=tags) as tracker:
             if tracker is not None:
@@ -368,33 +229,27 @@ class Objective:
             try:
                 result = train(cfg, callback=report, tracker=tracker,
                                output_dir=plan.out_dir / "runs" / f"{schedule}-{trial.number}")
-            except BaseException as err:  # recorded, then Optuna marks the trial FAIL
-                state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-                trial.set_user_attr("state", state)
-                trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
+            except BaseException as err:
                 if tracker is not None:
+                    state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
                     tracker.set_tags({"state": state, "error": f"{type(err).__name__}: {err}"})
-                self.say(trial, state, None, params, started, f"{type(err).__name__}: {err}")
                 raise
             value = result.final_metric
             state = "pruned" if pruned else "complete"
             if result.status == "diverged" or not math.isfinite(value):
                 state, value = "diverged", diverged_value(trial.study, plan.metric,
                                                           result.history)
-            trial.set_user_attr("state", state)
             if tracker is not None:
-                tracker.set_tags({"state": state, "status": result.status})
+                tracker.set_tags({"state": state})
                 tracker.log_step(len(result.history), {"objective": value,
                                                        f"best_{plan.metric}": result.best_metric})
-        self.say(trial, state, value, params, started, f"epoch {len(result.history)}")
-        if pruned:
-            raise optuna.TrialPruned(f"pruned after epoch {len(result.history)}")
-        return value
+        return value, state, len(result.history)
 
     def say(self, trial: optuna.Trial, state: str, value: float | None, params: dict,
             started: float, note: str) -> None:
         shown = " ".join(f"{k.rsplit('.', 1)[-1]}={hydra_value(v)}" for k, v in params.items())
-        score = f"{self.plan.metric} {value:.4f}" if value is not None else ""
+        score = "" if value is None else (f"penalty {value:.4f}" if state == "diverged"
+                                          else f"{self.plan.metric} {value:.4f}")
         print(f"  {self.schedule:<12} #{trial.number:<3} {state:<11} {score:<16} {shown}  "
               f"({note}, {time.perf_counter() - started:.1f}s)", flush=True)
 
@@ -405,7 +260,8 @@ def work(plan: Plan, nested: bool = True, worker: int = 0) -> None:
     """Pull trials of each schedule from the storage until every schedule's budget is used."""
     import torch
 
-    torch.set_num_threads(plan.threads)  # N workers share the cores instead of oversubscribing
+    if plan.workers > 1:  # N workers share the cores instead of oversubscribing them
+        torch.set_num_threads(plan.threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(plan.storage, shared=bool(plan.settings["storage"]))
     for schedule in plan.schedules:
@@ -461,6 +317,18 @@ def search(plan: Plan) -> None:
                   "re-run next time", file=sys.stderr)
 
 
+def set_lr_bounds_from_range_test(cfg: DictConfig, spaces: dict[str, dict[str, dict]]) -> None:
+    """`study.lr_bounds=auto`: an LR range test on the study's model and data sets every
+    schedule's `optimizer.lr` range (log scale), instead of the range each schedule declares."""
+    from sweep.lr_find import suggest_lr_bounds
+
+    low, high = suggest_lr_bounds(cfg)
+    print(f"LR range test: searching optimizer.lr in [{low:.3g}, {high:.3g}]", flush=True)
+    for space in spaces.values():
+        if "optimizer.lr" in space:
+            space["optimizer.lr"] = {"type": "float", "low": low, "high": high, "log": True}
+
+
 def make_plan(cfg: DictConfig, argv: list[str]) -> Plan:
     """Validate the study and the training config, and derive everything the workers need."""
     from sweep.data import load_data
@@ -471,6 +339,8 @@ def make_plan(cfg: DictConfig, argv: list[str]) -> Plan:
     s = OmegaConf.to_container(cfg.study, resolve=True)
     epochs = s["epochs"] or cfg.trainer.epochs
     spaces = {name: schedule_space(argv, name, epochs) for name in s["schedules"]}
+    if s["lr_bounds"] == "auto":
+        set_lr_bounds_from_range_test(cfg, spaces)
     budget = {name: s["trials"] for name in spaces}
     if s["sampler"] == "grid":  # a grid smaller than the budget is simply run in full
         for name, space in spaces.items():

@@ -2,13 +2,14 @@
 
 The summary names a winner only when its lead over the runner-up is larger than the seed-to-seed
 spread (the larger of the two standard deviations over the confirmation seeds); a smaller gap is
-what a different seed could undo. Confirmation runs are cached in the Optuna study, so a resumed or
-repeated command does not train them again.
+what a different seed could undo. Confirmation runs are cached in the output directory, so a
+resumed or repeated command does not train them again.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import statistics
 import time
@@ -21,14 +22,8 @@ import optuna
 from omegaconf import DictConfig
 
 from sweep.config import compose
-from sweep.study import (
-    Plan,
-    best_trial,
-    rerun_command,
-    schedule_overrides,
-    trial_state,
-    without_scheduler,
-)
+from sweep.study import Plan, rerun_command, schedule_overrides, without_scheduler
+from sweep.study_optuna import best_trial, trial_state
 from sweep.track import mlflow_run
 
 TALLY = ("complete", "pruned", "diverged", "failed")
@@ -77,7 +72,7 @@ class Summary:
 # --- confirmation ---------------------------------------------------------------------------------
 
 def confirm(cfg: DictConfig, plan: Plan, study: optuna.Study, schedule: str) -> Row:
-    """Retrain the schedule's best trial once per seed (cached in the study's user attributes)."""
+    """Retrain the schedule's best trial once per seed (cached in output_dir/confirm/)."""
     trials = study.get_trials(deepcopy=False)
     row = Row(schedule, {k: sum(trial_state(t) == k for t in trials) for k in TALLY})
     best = best_trial(study)
@@ -86,10 +81,13 @@ def confirm(cfg: DictConfig, plan: Plan, study: optuna.Study, schedule: str) -> 
     row.best_trial, row.knobs = best.number, list(best.user_attrs["overrides"])
     row.command = rerun_command(plan, schedule, row.knobs)
     for seed in cfg.study.seeds:
-        key = f"confirm/trial{best.number}/seed{seed}"
-        if key not in study.user_attrs:
-            study.set_user_attr(key, confirm_run(plan, schedule, row.knobs, seed))
-        row.runs.append(study.user_attrs[key])
+        path = plan.out_dir / "confirm" / f"{schedule}-trial{best.number}-seed{seed}.json"
+        if not path.exists():
+            path.parent.mkdir(exist_ok=True)
+            record = confirm_run(plan, schedule, row.knobs, seed)
+            path.with_suffix(".tmp").write_text(json.dumps(record))
+            path.with_suffix(".tmp").replace(path)  # a kill mid-write leaves no half a record
+        row.runs.append(json.loads(path.read_text()))
     return row
 
 
@@ -221,8 +219,10 @@ def optuna_figures(studies: dict[str, optuna.Study], plan: Plan) -> dict[str, An
     # Optuna's plots switch pyplot's global style to ggplot: keep that to them.
     with warnings.catch_warnings(), plt.rc_context():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-        figures["optimization_history.png"] = figure_of(ovm.plot_optimization_history(
-            list(studies.values()), target_name=plan.metric))
+        history = figure_of(ovm.plot_optimization_history(list(studies.values()),
+                                                          target_name=plan.metric))
+        history.set_size_inches(11, 5)  # room for the plot beside its legend of schedules
+        figures["optimization_history.png"] = history
         for name, study in studies.items():
             done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if len(done) < 2:
@@ -307,7 +307,8 @@ def summarize(cfg: DictConfig, plan: Plan, studies: dict[str, optuna.Study],
                  f"{sum(r.tally['pruned'] for r in rows)} of "
                  f"{sum(sum(r.tally.values()) for r in rows)}; best configurations, rerun as is:")
     notes += [f"  {r.command}" for r in rows if r.command]
-    notes.append(f"written to {plan.out_dir} (summary.md, summary.csv, best_overrides/, plots/)")
+    notes.append(f"written to {plan.out_dir}: summary.md, summary.csv, best_overrides/, plots/, "
+                 "confirm/ (the confirmation runs)")
     notes.append(f"Optuna storage {plan.storage}: `optuna studies --storage {plan.storage}` or "
                  f"`optuna-dashboard {plan.storage}`")
     text = markdown_table(rows, plan.metric, target) + "\n\n" + "\n".join(notes)

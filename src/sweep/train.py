@@ -213,6 +213,8 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
     # model not many more.
     clip_mode, clip_max = t.clip.mode, t.clip.max
     log_every = t.log_every_n_steps if tracker is not None else 0
+    norm_every = t.grad_norm_every
+    group_names = [g.get("name", "default") for g in optimizer.param_groups]
     per_step, fp16 = schedule.interval == "step", scaler.is_enabled()
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
 
@@ -224,7 +226,8 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
         epoch_lrs = group_lrs(optimizer)  # what this epoch's first step applies
         loss_sum = torch.zeros((), device=device)
         norm_sums = [torch.zeros((), device=device) for _ in params]
-        n_batches = 0
+        n_batches = n_norms = 0
+        trace: list[tuple[int, tuple[float, ...]]] = []  # (step, each group's lr) applied
         for xb, yb in batches(data, device, cfg, gen, on_device):
             if data.augment:
                 xb = augment_batch(xb, generator=gen, **data.augment)
@@ -233,12 +236,14 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)  # clip and measure true gradients, not scaled ones
-            add_grad_norms_squared(params, norm_sums)  # logged as measured before clipping
+            if norm_every and n_batches % norm_every == 0:
+                add_grad_norms_squared(params, norm_sums)  # measured before clipping
+                n_norms += 1
             if clip_mode == "norm":
                 torch.nn.utils.clip_grad_norm_(params, clip_max)
             elif clip_mode == "value":
                 torch.nn.utils.clip_grad_value_(params, clip_max)
-            applied = [(g.get("name", "default"), g["lr"]) for g in optimizer.param_groups]
+            applied = tuple(g["lr"] for g in optimizer.param_groups)
             scale = scaler.get_scale() if fp16 else None
             scaler.step(optimizer)  # skipped by the scaler when gradients hold inf/nan
             scaler.update()
@@ -246,8 +251,7 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
                 # A skipped step applied no lr, so a per-step schedule does not advance either.
                 result.skipped_steps += 1
             else:
-                result.lr_trace += [{"step": step, "epoch": epoch, "group": name, "lr": lr}
-                                    for name, lr in applied]
+                trace.append((step, applied))
                 step += 1
                 if per_step:
                     schedule.scheduler.step()  # always after optimizer.step()
@@ -259,11 +263,15 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
                 lrs = {f"step_{k}": v for k, v in group_lrs(optimizer).items()}
                 tracker.log_step(step, {"step_loss": loss.item(), **lrs})
 
+        result.lr_trace += [{"step": k, "epoch": epoch, "group": name, "lr": lr}
+                            for k, lrs in trace for name, lr in zip(group_names, lrs, strict=True)]
+
         # 3. Evaluate, then step an epoch schedule (plateau schedules get the metric).
-        train_loss, norm_sq = (torch.stack([loss_sum, sum(norm_sums)]) / n_batches).tolist()
+        norm_sq = torch.stack(norm_sums).sum() / max(n_norms, 1)
+        train_loss, norm_sq = torch.stack([loss_sum / n_batches, norm_sq]).tolist()
         metrics = {"epoch": epoch, "train_loss": train_loss, **evaluate(
             model, data, loss_fn, metric_name, device, amp, max(1024, t.batch_size)),
-            **epoch_lrs, "grad_norm": math.sqrt(norm_sq), "skipped_steps": result.skipped_steps,
+            **epoch_lrs, **({"grad_norm": math.sqrt(norm_sq)} if n_norms else {}), "skipped_steps": result.skipped_steps,
             "epoch_time": time.perf_counter() - started}
         if schedule.interval == "epoch":
             if schedule.needs_metric:
@@ -276,8 +284,9 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
             result.best_metric, result.best_epoch = metrics[metric_name], epoch
         if tracker is not None:
             tracker.log_epoch(epoch, metrics)
-        bar.set_postfix(train_loss=f"{train_loss:.4g}",
-                        **{metric_name: f"{metrics[metric_name]:.4g}"})
+        if t.progress:
+            bar.set_postfix(train_loss=f"{train_loss:.4g}",
+                            **{metric_name: f"{metrics[metric_name]:.4g}"})
 
         # 4. Stop a run that diverged instead of burning the remaining epochs.
         if not math.isfinite(train_loss) or not math.isfinite(metrics["val_loss"]) or (
