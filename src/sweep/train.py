@@ -98,10 +98,10 @@ def loss_and_metric(cfg: DictConfig, data: Data) -> tuple[Callable, str, str]:
 
 
 def add_grad_norms_squared(params: list[torch.Tensor], sums: list[torch.Tensor]) -> None:
-    """sums[i] += ||grad_i||^2 on the device: two fused ops a step, no host sync.
+    """sums[i] += ||grad_i||^2 on the device: two fused ops, no host sync.
 
-    At the epoch's end sqrt(sum(sums) / steps) is the root-mean-square over its steps of the total
-    gradient norm, which costs a small model far less than reducing the total norm every step.
+    At the epoch's end sqrt(sum(sums) / n) is the root-mean-square of the total gradient norm over
+    the n measured steps; cheaper for a small model than reducing the total norm at every step.
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     norms = torch._foreach_norm(grads)
@@ -194,20 +194,8 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
     better = (lambda a, b: a > b) if direction == "maximize" else (lambda a, b: a < b)
     step, start_epoch, initial_loss = 0, 1, None
     if t.resume:
-        state = torch.load(t.resume, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        gen.set_state(state["rng"]["batches"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if torch.cuda.is_available() and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        step, start_epoch, initial_loss = state["step"], state["epoch"] + 1, state["initial_loss"]
-        for key in ("history", "lr_trace", "best_metric", "best_epoch", "skipped_steps"):
-            setattr(result, key, state[key])
+        step, start_epoch, initial_loss = load_checkpoint(
+            Path(t.resume), model, optimizer, schedule.scheduler, scaler, gen, result, device)
 
     # Plain values for the hot loop: a DictConfig lookup costs microseconds, a step of a small
     # model not many more.
@@ -270,9 +258,11 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
         norm_sq = torch.stack(norm_sums).sum() / max(n_norms, 1)
         train_loss, norm_sq = torch.stack([loss_sum / n_batches, norm_sq]).tolist()
         metrics = {"epoch": epoch, "train_loss": train_loss, **evaluate(
-            model, data, loss_fn, metric_name, device, amp, max(1024, t.batch_size)),
-            **epoch_lrs, **({"grad_norm": math.sqrt(norm_sq)} if n_norms else {}), "skipped_steps": result.skipped_steps,
-            "epoch_time": time.perf_counter() - started}
+            model, data, loss_fn, metric_name, device, amp, max(1024, t.batch_size)), **epoch_lrs}
+        if n_norms:
+            metrics["grad_norm"] = math.sqrt(norm_sq)
+        metrics |= {"skipped_steps": result.skipped_steps,
+                    "epoch_time": time.perf_counter() - started}
         if schedule.interval == "epoch":
             if schedule.needs_metric:
                 schedule.scheduler.step(metrics[metric_name])
@@ -320,3 +310,23 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, gen: torch.
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # a kill mid-write never leaves a truncated checkpoint
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, gen: torch.Generator,
+                    result: TrainResult, device: torch.device) -> tuple[int, int, float | None]:
+    """Restore what `save_checkpoint` wrote; returns (step, first epoch to run, initial loss)."""
+    state = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])  # after the optimizer's, which it reads
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    gen.set_state(rng["batches"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available() and rng["cuda"] is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    for key in ("history", "lr_trace", "best_metric", "best_epoch", "skipped_steps"):
+        setattr(result, key, state[key])
+    return state["step"], state["epoch"] + 1, state["initial_loss"]
