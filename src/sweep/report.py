@@ -89,6 +89,7 @@ def loss_figure(history: list[dict[str, Any]], metric_name: str,
     metric_ax.set(xlabel="epoch", ylabel=metric_name)
     for ax in (loss_ax, metric_ax):
         ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize="medium")
     return fig

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,21 +63,23 @@ def use_store(cfg: DictConfig | None = None, experiment: str | None = None) -> s
 class Tracker:
     """Logs one MLflow run's curves, figures and tags.
 
-    Metrics go out in batches: they wait in a buffer and leave in one `log_batch` call once
-    `flush_every_s` seconds have passed (and when the run ends), so a run of many short epochs
-    pays for a database commit every few seconds, not every epoch.
+    Metrics are buffered and written in batches by one background thread: every `flush_every_s`
+    seconds the buffer goes to the writer as one `log_batch`, so the database work (about 0.1 ms a
+    metric on SQLite) overlaps training instead of stalling an epoch. `close` waits for the writer.
     """
 
-    def __init__(self, run_id: str | None, flush_every_s: float = 2.0):
+    def __init__(self, run_id: str | None, flush_every_s: float = 0.5):
         self.run_id = run_id
         self.flush_every_s = flush_every_s
         self._pending: list[Any] = []
         self._flushed_at = time.monotonic()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
+        self._writes: list[Future] = []
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.log_step(epoch, {k: v for k, v in metrics.items() if k != "epoch"})
         if time.monotonic() - self._flushed_at >= self.flush_every_s:
-            self.flush()
+            self.flush(wait=False)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -84,15 +87,24 @@ class Tracker:
         now = int(time.time() * 1000)
         self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
 
-    def flush(self) -> None:
-        """Send the buffered metrics now."""
+    def flush(self, wait: bool = True) -> None:
+        """Hand the buffered metrics to the writer; with `wait`, until everything is written."""
         import mlflow
 
         client = mlflow.MlflowClient()
         for i in range(0, len(self._pending), 1000):  # MLflow takes at most 1000 per batch
-            client.log_batch(self.run_id, metrics=self._pending[i:i + 1000])
+            self._writes.append(self._writer.submit(
+                client.log_batch, self.run_id, metrics=self._pending[i:i + 1000]))
         self._pending = []
         self._flushed_at = time.monotonic()
+        if wait:
+            for write in self._writes:
+                write.result()  # raises here if a write failed
+            self._writes = []
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.shutdown()
 
     def log_params(self, params: dict[str, Any]) -> None:
         import mlflow
@@ -162,4 +174,4 @@ def mlflow_run(cfg: DictConfig, run_name_: str | None = None, nested: bool = Fal
         try:
             yield tracker
         finally:
-            tracker.flush()  # per-step metrics of an epoch cut short
+            tracker.close()  # waits for the metrics still being written
