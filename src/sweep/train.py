@@ -261,8 +261,9 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
             model, data, loss_fn, metric_name, device, amp, max(1024, t.batch_size)), **epoch_lrs}
         if n_norms:
             metrics["grad_norm"] = math.sqrt(norm_sq)
-        metrics |= {"skipped_steps": result.skipped_steps,
-                    "epoch_time": time.perf_counter() - started}
+        if fp16:
+            metrics["skipped_steps"] = result.skipped_steps
+        metrics["epoch_time"] = time.perf_counter() - started
         if schedule.interval == "epoch":
             if schedule.needs_metric:
                 schedule.scheduler.step(metrics[metric_name])
