@@ -74,3 +74,19 @@ def test_the_console_script_and_multirun_grids(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
     assert sorted(r.data.params["optimizer.lr"] for r in runs) == ["0.01", "0.1"]
+
+
+def test_resuming_from_a_checkpoint_continues_the_same_mlflow_run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    common = [o for o in TINY if not o.startswith(("trainer.epochs", "trainer.log_every"))]
+    proc = run_cli([*common, "trainer.epochs=2", "trainer.checkpoint.every=1",
+                    f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path, uri=uri)
+    assert "after 2 epochs" in proc.stdout
+    run_cli([*common, "trainer.epochs=4", f"trainer.resume={tmp_path / 'a' / 'checkpoint.pt'}",
+             f"hydra.run.dir={tmp_path / 'b'}"], cwd=tmp_path, uri=uri)
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert run.data.tags["status"] == "completed"
