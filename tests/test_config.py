@@ -54,6 +54,8 @@ BASE = ["dataset=synthetic_regression", "dataset.n_samples=100", "model=mlp", "t
     ("trainer.amp=fp8", "trainer.amp='fp8' is not allowed: choose one of auto, bf16, fp16, off"),
     ("trainer.clip.mode=sometimes", "trainer.clip.mode='sometimes' is not allowed"),
     ("trainer.device=tpu", "trainer.device='tpu' is not allowed"),
+    ("trainer.grad_norm_every=-1",
+     "trainer.grad_norm_every=-1 is not allowed: must be an integer >= 0"),
     ("model.activation=swishy", "model.activation='swishy'"),
     ("model.bn=middle", "model.bn='middle'"),
     (["scheduler=step", "scheduler.gamma=1.5"], "scheduler.gamma=1.5"),

@@ -272,6 +272,7 @@ def test_ctrl_c_loses_only_the_running_trial(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["study.sampler=bayes"], "study.sampler='bayes' is not allowed: choose one of tpe, random"),
     (["study.trials=0"], "study.trials=0 is not allowed: must be an integer >= 1"),
+    (["study.lr_bounds=guess"], "study.lr_bounds='guess' is not allowed: choose one of declared"),
     (["study.schedules=[step,nope]"], "study.schedules='nope' is not allowed: choose from"),
     (["~scheduler.search_space"], "study.schedules='step' is not allowed: "
                                   "conf/scheduler/step.yaml declares no search_space"),

@@ -79,6 +79,15 @@ def test_clipping_by_norm_bounds_every_update_and_logs_the_norm_before_clipping(
                                                             rel=0.05)
 
 
+def test_grad_norm_is_sampled_every_n_steps_or_not_at_all(tmp_path):
+    every_step = train(config("trainer.epochs=2", "trainer.grad_norm_every=1"), output_dir=tmp_path)
+    never = train(config("trainer.epochs=2", "trainer.grad_norm_every=0"), output_dir=tmp_path)
+    assert all(h["grad_norm"] > 0 for h in every_step.history)
+    assert all("grad_norm" not in h for h in never.history)
+    # Measuring the norm changes nothing about training itself.
+    assert [h["train_loss"] for h in never.history] == [h["train_loss"] for h in every_step.history]
+
+
 def test_clipping_by_value(tmp_path):
     torch.manual_seed(0)
     clipped = train(config("optimizer.lr=0.5", "trainer.epochs=2", "trainer.clip.mode=value",

@@ -108,6 +108,11 @@ def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
 
 # --- settings blocks (`lr_find.x=v`, `sensitivity.x=v`, `report.x=v`) ---------------------------
 
+def override_key(override: str) -> str:
+    """`+scheduler.gamma=0.8` -> `scheduler.gamma`: the key a Hydra override sets."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def split_settings(overrides: Sequence[str], key: str) -> tuple[list[str], list[str]]:
     """Separate `<key>.x=v` items (a module's own settings) from the Hydra overrides.
 
@@ -115,7 +120,7 @@ def split_settings(overrides: Sequence[str], key: str) -> tuple[list[str], list[
     """
     hydra_items, own = [], []
     for item in overrides:
-        name = item.lstrip("+~").split("=", 1)[0]
+        name = override_key(item)
         (own if name == key or name.startswith(key + ".") else hydra_items).append(item)
     return hydra_items, own
 

@@ -61,6 +61,7 @@ from sweep.config import (
     check_positive,
     compose,
     fail,
+    override_key,
 )
 
 INTERVALS = ("epoch", "step")
@@ -653,10 +654,6 @@ def available_schedules() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml"))
 
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def _configs_to_draw(cfg: DictConfig, overrides: list[str], chosen: str) -> dict[str, DictConfig]:
     """The composed config per schedule to draw, the user's other overrides kept for each."""
     wanted = cfg.get("schedules")
@@ -666,14 +663,14 @@ def _configs_to_draw(cfg: DictConfig, overrides: list[str], chosen: str) -> dict
         [wanted] if isinstance(wanted, str) else list(wanted))
     for name in names:
         check_choice("schedules", name, available_schedules())
-    common = [o for o in overrides if _override_key(o).split(".")[0] not in ("schedules",
+    common = [o for o in overrides if override_key(o).split(".")[0] not in ("schedules",
                                                                               "scheduler")]
-    own = [o for o in overrides if _override_key(o).startswith("scheduler.")]
+    own = [o for o in overrides if override_key(o).startswith("scheduler.")]
     configs = {}
     for name in names:
         base = compose([*common, f"scheduler={name}"])
         # An override such as scheduler.gamma=0.8 applies to the schedules that have a gamma.
-        keep = [o for o in own if OmegaConf.select(base, _override_key(o), default=_ABSENT)
+        keep = [o for o in own if OmegaConf.select(base, override_key(o), default=_ABSENT)
                 is not _ABSENT]
         configs[name] = compose([*common, f"scheduler={name}", *keep]) if keep else base
     return configs

@@ -31,7 +31,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from optuna.trial import FrozenTrial, TrialState
 
 from sweep import CONF_DIR
-from sweep.config import ConfigError, check_choice, check_int_at_least, compose, fail, validate
+from sweep.config import (
+    ConfigError,
+    check_choice,
+    check_int_at_least,
+    compose,
+    fail,
+    override_key,
+    validate,
+)
 from sweep.study_optuna import (
     default_storage,
     diverged_value,
@@ -99,10 +107,6 @@ def validate_study(cfg: DictConfig) -> None:
     check_choice("study.lr_bounds", s.lr_bounds, ("declared", "auto"))
     if s.sampler == "cmaes" and find_spec("cmaes") is None:
         fail("study.sampler", "cmaes", "needs the cmaes package: pip install cmaes")
-
-
-def override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
 
 
 def without_scheduler(argv: list[str]) -> list[str]:

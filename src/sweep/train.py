@@ -255,8 +255,9 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
                             for k, lrs in trace for name, lr in zip(group_names, lrs, strict=True)]
 
         # 3. Evaluate, then step an epoch schedule (plateau schedules get the metric).
-        norm_sq = torch.stack(norm_sums).sum() / max(n_norms, 1)
-        train_loss, norm_sq = torch.stack([loss_sum / n_batches, norm_sq]).tolist()
+        # One host sync an epoch: the mean loss and the mean squared gradient norm together.
+        train_loss, norm_sq = torch.stack([
+            loss_sum / n_batches, torch.stack(norm_sums).sum() / max(n_norms, 1)]).tolist()
         metrics = {"epoch": epoch, "train_loss": train_loss, **evaluate(
             model, data, loss_fn, metric_name, device, amp, max(1024, t.batch_size)), **epoch_lrs}
         if n_norms:
