@@ -5,9 +5,10 @@ permutations) for the same epochs, and evaluate on the validation split after ev
 trainer side runs with MLflow logging on (a real SQLite store: per-epoch metrics inside the timed
 region) and its progress bar off. Target: trainer / plain <= 1.10. Opening and closing the MLflow
 run (params, config artifact, final plots) is a fixed cost per run, timed and printed separately.
-Runs are interleaved and repeated; medians are reported.
+Runs are interleaved and repeated; medians are reported. The trainer also runs with tracking
+off, which splits the overhead into the trainer's own and MLflow's.
 
-    python scripts/bench_trainer.py [--repeats 5] [--device cpu]
+    python scripts/bench_trainer.py [--repeats 5] [--device cpu] [--only cnn/digits]
 """
 
 from __future__ import annotations
@@ -84,10 +85,12 @@ def timed_trainer(cfg) -> tuple[float, float]:
         opened = time.perf_counter()
         sync()
         result = train(cfg, tracker=tracker, output_dir=tempfile.gettempdir())
-        tracker.flush()
+        if tracker is not None:
+            tracker.flush()
         sync()
         trained = time.perf_counter()
-        tracker.finish(result)  # the final plots
+        if tracker is not None:
+            tracker.finish(result)  # the final plots
     return trained - opened, (opened - start) + (time.perf_counter() - trained)
 
 
@@ -95,29 +98,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--only", nargs="*", help="cases to run (default: all)")
     args = parser.parse_args()
     store = tempfile.mkdtemp(prefix="bench-mlflow-")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
-    for name, overrides in CASES.items():
+    for name, overrides in [(k, v) for k, v in CASES.items() if k in (args.only or CASES)]:
         cfg = compose([*overrides, f"trainer.device={args.device}", "trainer.progress=false",
                        "trainer.amp=off"])
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                               else "cpu" if args.device == "auto" else args.device)
         timed_trainer(cfg)  # warm-up: imports, the MLflow store's first migration
         plain_loop(cfg, device)
-        plain, ours, fixed = [], [], []
+        untracked = compose([*overrides, f"trainer.device={args.device}",
+                             "trainer.progress=false", "trainer.amp=off", "tracking=none"])
+        plain, ours, fixed, bare = [], [], [], []
         for _ in range(args.repeats):
             plain.append(timed_plain(cfg, device))
             loop, run = timed_trainer(cfg)
             ours.append(loop)
             fixed.append(run)
-        p, o = statistics.median(plain), statistics.median(ours)
+            bare.append(timed_trainer(untracked)[0])
+        p, o, b = statistics.median(plain), statistics.median(ours), statistics.median(bare)
         print(f"{name:26s} plain {p:6.3f} s  sweep {o:6.3f} s  ratio {o / p:5.3f}  "
               f"(medians of {args.repeats}; plain {min(plain):.3f}-{max(plain):.3f}, "
-              f"sweep {min(ours):.3f}-{max(ours):.3f}); MLflow run open+close+plots "
-              f"{statistics.median(fixed):.2f} s per run")
+              f"sweep {min(ours):.3f}-{max(ours):.3f}); tracking off {b:6.3f} s, ratio "
+              f"{b / p:5.3f}; MLflow run open+close+plots {statistics.median(fixed):.2f} s per run")
 
 
 if __name__ == "__main__":

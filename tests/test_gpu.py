@@ -40,3 +40,36 @@ def test_large_data_goes_through_a_dataloader(tmp_path):
     cfg = compose([*DIGITS, "trainer.device_data_max_mb=0", "trainer.num_workers=1"])
     result = train(cfg, output_dir=tmp_path)
     assert result.status == "completed" and result.history[-1]["val_acc"] > 0.8
+
+
+def test_resume_on_cuda_continues_the_same_run(tmp_path):
+    # A checkpoint written on CUDA restores onto CUDA: RNG states stay CPU tensors, model and
+    # optimizer state land on the GPU. cuDNN may sum in another order, so losses match closely,
+    # not bit for bit.
+    common = [*DIGITS, "trainer.amp=off", "trainer.deterministic=true",
+              "trainer.checkpoint.every=1", "trainer.epochs=4"]
+    full = train(compose(common), output_dir=tmp_path / "full")
+    train(compose(common), callback=lambda epoch, m: epoch == 2, output_dir=tmp_path / "cut")
+    resumed = train(compose([*common, f"trainer.resume={tmp_path / 'cut' / 'checkpoint.pt'}"]),
+                    output_dir=tmp_path / "cut")
+    assert [r["lr"] for r in resumed.lr_trace] == [r["lr"] for r in full.lr_trace]
+    for a, b in zip(resumed.history, full.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+        assert a["val_acc"] == pytest.approx(b["val_acc"], abs=0.02)
+
+
+def test_fp16_on_cuda_skips_overflowing_steps_and_holds_the_schedule(tmp_path):
+    # As the CPU test: targets of order 1e4 overflow the first scaled fp16 gradients, the scaler
+    # skips those steps, and a per-step schedule advances only on the steps it applied.
+    cfg = compose(["model=mlp", "dataset=synthetic_regression", "dataset.n_samples=200",
+                   "dataset.weights=[2000,-1000,3000,1000,2000]", "optimizer=sgd",
+                   "optimizer.momentum=0", "optimizer.lr=1e-6", "scheduler=step",
+                   "scheduler.interval=step", "scheduler.step_size=1", "scheduler.gamma=0.9",
+                   "trainer.batch_size=50", "trainer.epochs=3", "trainer.amp=fp16",
+                   "trainer.progress=false", "tracking=none", "seed=929"])
+    result = train(cfg, output_dir=tmp_path)
+    steps = 3 * math.ceil(0.7 * 200 / 50)  # 140 training samples
+    assert result.skipped_steps >= 1
+    assert len(result.lr_trace) == steps - result.skipped_steps
+    assert [r["lr"] for r in result.lr_trace] == pytest.approx(
+        [1e-6 * 0.9 ** k for k in range(len(result.lr_trace))])

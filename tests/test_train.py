@@ -86,6 +86,9 @@ def test_grad_norm_is_sampled_every_n_steps_or_not_at_all(tmp_path):
     assert all("grad_norm" not in h for h in never.history)
     # Measuring the norm changes nothing about training itself.
     assert [h["train_loss"] for h in never.history] == [h["train_loss"] for h in every_step.history]
+    # Epochs shorter than the sampling interval (3 steps here) still measure their first step.
+    sparse = train(config("trainer.epochs=2", "trainer.grad_norm_every=16"), output_dir=tmp_path)
+    assert all(h["grad_norm"] > 0 for h in sparse.history)
 
 
 def test_clipping_by_value(tmp_path):
@@ -101,7 +104,9 @@ def test_clipping_by_value(tmp_path):
 @pytest.mark.parametrize("scheduler", ["step", "cosine"])
 def test_resume_continues_with_the_same_lrs_and_losses(tmp_path, scheduler):
     # The CNN with dropout on digits: batch order, dropout masks and the schedule all resume.
+    # Bit-identical losses are a promise on the CPU; tests/test_gpu.py checks CUDA.
     common = ["dataset=digits", "model=cnn", "optimizer=sgd", f"scheduler={scheduler}",
+              "trainer.device=cpu",
               "trainer.epochs=5", "trainer.batch_size=256", "trainer.checkpoint.every=1",
               "trainer.progress=false", "tracking=none"]
     full = train(compose(common), output_dir=tmp_path / "full")

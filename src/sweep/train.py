@@ -97,27 +97,28 @@ def loss_and_metric(cfg: DictConfig, data: Data) -> tuple[Callable, str, str]:
     return F.mse_loss, "val_mse", "minimize"
 
 
-def add_grad_norms_squared(params: list[torch.Tensor], sums: list[torch.Tensor]) -> None:
-    """sums[i] += ||grad_i||^2 on the device: two fused ops, no host sync.
-
-    At the epoch's end sqrt(sum(sums) / n) is the root-mean-square of the total gradient norm over
-    the n measured steps; cheaper for a small model than reducing the total norm at every step.
-    """
+def grad_norms(params: list[torch.Tensor]) -> torch.Tensor:
+    """Each parameter's gradient norm, as one tensor on the device: one fused op, no host sync."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    norms = torch._foreach_norm(grads)
-    torch._foreach_addcmul_(sums, norms, norms)
+    return torch.stack(torch._foreach_norm(grads))
 
 
-def batches(data: Data, device: torch.device, cfg: DictConfig, gen: torch.Generator,
+def rms_total_norm(samples: list[torch.Tensor]) -> torch.Tensor:
+    """The root-mean-square over sampled steps of the total gradient norm (0 when none sampled)."""
+    if not samples:
+        return torch.zeros(())
+    return torch.stack(samples).square().sum(1).mean().sqrt()
+
+
+def batches(data: Data, device: torch.device, bs: int, num_workers: int, gen: torch.Generator,
             on_device: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled training batches: sliced from tensors on the device, or through a DataLoader."""
-    bs = cfg.trainer.batch_size
     if on_device:
         yield from tensor_batches(data.x_train, data.y_train, bs, True, gen)
         return
     loader = torch.utils.data.DataLoader(
         torch.utils.data.TensorDataset(data.x_train, data.y_train), batch_size=bs, shuffle=True,
-        generator=gen, num_workers=cfg.trainer.num_workers, pin_memory=device.type == "cuda",
+        generator=gen, num_workers=num_workers, pin_memory=device.type == "cuda",
         persistent_workers=False)
     for xb, yb in loader:
         yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -128,21 +129,21 @@ def evaluate(model: torch.nn.Module, data: Data, loss_fn: Callable, metric_name:
              device: torch.device, amp: torch.dtype | None, batch_size: int) -> dict[str, float]:
     """Validation loss and metric, summed on the device and read back once."""
     model.eval()
-    loss_sum = torch.zeros((), device=device)
-    metric_sum = torch.zeros((), device=device)
-    n = len(data.x_val)
+    sums = []  # per batch: loss * batch size, then the metric's sum
     for xb, yb in tensor_batches(data.x_val, data.y_val, batch_size, False, None):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        if amp is None:
             out = model(xb)
-        out = out.float()
-        loss_sum += loss_fn(out, yb) * len(xb)
-        if metric_name == "val_acc":
-            metric_sum += (out.argmax(1) == yb).sum()
         else:
-            metric_sum += F.mse_loss(out, yb, reduction="sum") / out.shape[1:].numel()
+            with torch.autocast(device.type, dtype=amp):
+                out = model(xb).float()
+        sums.append(loss_fn(out, yb) * len(xb))
+        if metric_name == "val_acc":
+            sums.append((out.argmax(1) == yb).sum())
+        else:
+            sums.append(F.mse_loss(out, yb, reduction="sum") / out.shape[1:].numel())
     model.train()
-    val_loss, metric = (torch.stack([loss_sum, metric_sum]) / n).tolist()
+    val_loss, metric = (torch.stack(sums).view(-1, 2).sum(0) / len(data.x_val)).tolist()
     return {"val_loss": val_loss, metric_name: metric}
 
 
@@ -195,47 +196,55 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
     step, start_epoch, initial_loss = 0, 1, None
     if t.resume:
         step, start_epoch, initial_loss = load_checkpoint(
-            Path(t.resume), model, optimizer, schedule.scheduler, scaler, gen, result, device)
+            Path(t.resume), model, optimizer, schedule.scheduler, scaler, gen, result)
 
-    # Plain values for the hot loop: a DictConfig lookup costs microseconds, a step of a small
-    # model not many more.
-    clip_mode, clip_max = t.clip.mode, t.clip.max
+    # Plain values for the loop: a DictConfig lookup costs tens of microseconds, an epoch of the
+    # article's MLP a few milliseconds.
+    batch_size, num_workers, norm_every = t.batch_size, t.num_workers, t.grad_norm_every
+    clip_mode, clip_max, checkpoint_every = t.clip.mode, t.clip.max, t.checkpoint.every
+    progress, divergence_factor = t.progress, t.divergence_factor
     log_every = t.log_every_n_steps if tracker is not None else 0
-    norm_every = t.grad_norm_every
     group_names = [g.get("name", "default") for g in optimizer.param_groups]
     per_step, fp16 = schedule.interval == "step", scaler.is_enabled()
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    # Without fp16 the scaler is a no-op, so the loop skips its calls (microseconds a step).
 
-    bar = tqdm(range(start_epoch, t.epochs + 1), desc="epochs", disable=not t.progress,
+    bar = tqdm(range(start_epoch, t.epochs + 1), desc="epochs", disable=not progress,
                initial=start_epoch - 1, total=t.epochs, dynamic_ncols=True)
     for epoch in bar:
         # 2. One pass over the training data.
         started = time.perf_counter()
         epoch_lrs = group_lrs(optimizer)  # what this epoch's first step applies
-        loss_sum = torch.zeros((), device=device)
-        norm_sums = [torch.zeros((), device=device) for _ in params]
-        n_batches = n_norms = 0
+        losses: list[torch.Tensor] = []  # on the device: summed once, at the epoch's end
+        norms: list[torch.Tensor] = []   # each sampled step's gradient norms, before clipping
         trace: list[tuple[int, tuple[float, ...]]] = []  # (step, each group's lr) applied
-        for xb, yb in batches(data, device, cfg, gen, on_device):
+        for xb, yb in batches(data, device, batch_size, num_workers, gen, on_device):
             if data.augment:
                 xb = augment_batch(xb, generator=gen, **data.augment)
             with autocast:
                 loss = loss_fn(model(xb).float(), yb)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # clip and measure true gradients, not scaled ones
-            if norm_every and n_batches % norm_every == 0:
-                add_grad_norms_squared(params, norm_sums)  # measured before clipping
-                n_norms += 1
+            if fp16:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # clip and measure true gradients, not scaled ones
+            else:
+                loss.backward()
+            if norm_every and len(losses) % norm_every == 0:
+                norms.append(grad_norms(params))
             if clip_mode == "norm":
                 torch.nn.utils.clip_grad_norm_(params, clip_max)
             elif clip_mode == "value":
                 torch.nn.utils.clip_grad_value_(params, clip_max)
             applied = tuple(g["lr"] for g in optimizer.param_groups)
-            scale = scaler.get_scale() if fp16 else None
-            scaler.step(optimizer)  # skipped by the scaler when gradients hold inf/nan
-            scaler.update()
-            if fp16 and scaler.get_scale() < scale:
+            if fp16:
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # skipped by the scaler when gradients hold inf/nan
+                scaler.update()
+                skipped = scaler.get_scale() < scale
+            else:
+                optimizer.step()
+                skipped = False
+            if skipped:
                 # A skipped step applied no lr, so a per-step schedule does not advance either.
                 result.skipped_steps += 1
             else:
@@ -243,8 +252,7 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
                 step += 1
                 if per_step:
                     schedule.scheduler.step()  # always after optimizer.step()
-            loss_sum += loss.detach()
-            n_batches += 1
+            losses.append(loss.detach())
             if initial_loss is None:
                 initial_loss = loss.item()  # the reference for "far above where it started"
             if log_every and step % log_every == 0:
@@ -256,12 +264,12 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
 
         # 3. Evaluate, then step an epoch schedule (plateau schedules get the metric).
         # One host sync an epoch: the mean loss and the mean squared gradient norm together.
-        train_loss, norm_sq = torch.stack([
-            loss_sum / n_batches, torch.stack(norm_sums).sum() / max(n_norms, 1)]).tolist()
+        train_loss, norm = torch.stack([
+            torch.stack(losses).mean(), rms_total_norm(norms).to(device)]).tolist()
         metrics = {"epoch": epoch, "train_loss": train_loss, **evaluate(
-            model, data, loss_fn, metric_name, device, amp, max(1024, t.batch_size)), **epoch_lrs}
-        if n_norms:
-            metrics["grad_norm"] = math.sqrt(norm_sq)
+            model, data, loss_fn, metric_name, device, amp, max(1024, batch_size)), **epoch_lrs}
+        if norms:
+            metrics["grad_norm"] = norm
         if fp16:
             metrics["skipped_steps"] = result.skipped_steps
         metrics["epoch_time"] = time.perf_counter() - started
@@ -276,16 +284,16 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
             result.best_metric, result.best_epoch = metrics[metric_name], epoch
         if tracker is not None:
             tracker.log_epoch(epoch, metrics)
-        if t.progress:
+        if progress:
             bar.set_postfix(train_loss=f"{train_loss:.4g}",
                             **{metric_name: f"{metrics[metric_name]:.4g}"})
 
         # 4. Stop a run that diverged instead of burning the remaining epochs.
         if not math.isfinite(train_loss) or not math.isfinite(metrics["val_loss"]) or (
-                train_loss > t.divergence_factor * max(initial_loss, 1e-12)):
+                train_loss > divergence_factor * max(initial_loss, 1e-12)):
             result.status = "diverged"
             break
-        if t.checkpoint.every and epoch % t.checkpoint.every == 0:
+        if checkpoint_every and epoch % checkpoint_every == 0:
             save_checkpoint(ckpt_path, model, optimizer, schedule.scheduler, scaler, gen, epoch,
                             step, initial_loss, result)
         if callback is not None and callback(epoch, metrics):
@@ -315,9 +323,11 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, gen: torch.
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, gen: torch.Generator,
-                    result: TrainResult, device: torch.device) -> tuple[int, int, float | None]:
+                    result: TrainResult) -> tuple[int, int, float | None]:
     """Restore what `save_checkpoint` wrote; returns (step, first epoch to run, initial loss)."""
-    state = torch.load(path, map_location=device, weights_only=False)
+    # Onto the CPU: RNG states must stay CPU byte tensors, and the model's and optimizer's
+    # load_state_dict copy their tensors to wherever the parameters live.
+    state = torch.load(path, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])  # after the optimizer's, which it reads
