@@ -105,14 +105,13 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
     for name, overrides in [(k, v) for k, v in CASES.items() if k in (args.only or CASES)]:
-        cfg = compose([*overrides, f"trainer.device={args.device}", "trainer.progress=false",
-                       "trainer.amp=off"])
+        common = [*overrides, f"trainer.device={args.device}", "trainer.progress=false",
+                  "trainer.amp=off"]
+        cfg, untracked = compose(common), compose([*common, "tracking=none"])
         device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                               else "cpu" if args.device == "auto" else args.device)
         timed_trainer(cfg)  # warm-up: imports, the MLflow store's first migration
         plain_loop(cfg, device)
-        untracked = compose([*overrides, f"trainer.device={args.device}",
-                             "trainer.progress=false", "trainer.amp=off", "tracking=none"])
         plain, ours, fixed, bare = [], [], [], []
         for _ in range(args.repeats):
             plain.append(timed_plain(cfg, device))

@@ -64,8 +64,9 @@ class Tracker:
     """Logs one MLflow run's curves, figures and tags.
 
     Metrics are buffered and written in batches by one background thread: every `flush_every_s`
-    seconds the buffer goes to the writer as one `log_batch`, so the database work (about 0.1 ms a
-    metric on SQLite) overlaps training instead of stalling an epoch. `close` waits for the writer.
+    seconds the buffer goes to the writer as one `log_batch`, so the database work (on SQLite about
+    50 us a metric and 5 ms a batch) overlaps training instead of stalling each epoch. `close`
+    waits for the writer.
     """
 
     def __init__(self, run_id: str | None, flush_every_s: float = 0.5):

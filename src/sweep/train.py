@@ -98,15 +98,13 @@ def loss_and_metric(cfg: DictConfig, data: Data) -> tuple[Callable, str, str]:
 
 
 def grad_norms(params: list[torch.Tensor]) -> torch.Tensor:
-    """Each parameter's gradient norm, as one tensor on the device: one fused op, no host sync."""
+    """Each parameter's gradient norm, as one tensor on the device: a fused norm, no host sync."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     return torch.stack(torch._foreach_norm(grads))
 
 
 def rms_total_norm(samples: list[torch.Tensor]) -> torch.Tensor:
-    """The root-mean-square over sampled steps of the total gradient norm (0 when none sampled)."""
-    if not samples:
-        return torch.zeros(())
+    """The root-mean-square over sampled steps of the total gradient norm (`grad_norms` rows)."""
     return torch.stack(samples).square().sum(1).mean().sqrt()
 
 
@@ -205,9 +203,9 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
     progress, divergence_factor = t.progress, t.divergence_factor
     log_every = t.log_every_n_steps if tracker is not None else 0
     group_names = [g.get("name", "default") for g in optimizer.param_groups]
+    # Without fp16 the scaler is a no-op, so the loop skips its calls (microseconds a step).
     per_step, fp16 = schedule.interval == "step", scaler.is_enabled()
     autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
-    # Without fp16 the scaler is a no-op, so the loop skips its calls (microseconds a step).
 
     bar = tqdm(range(start_epoch, t.epochs + 1), desc="epochs", disable=not progress,
                initial=start_epoch - 1, total=t.epochs, dynamic_ncols=True)
@@ -263,13 +261,13 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
                             for k, lrs in trace for name, lr in zip(group_names, lrs, strict=True)]
 
         # 3. Evaluate, then step an epoch schedule (plateau schedules get the metric).
-        # One host sync an epoch: the mean loss and the mean squared gradient norm together.
-        train_loss, norm = torch.stack([
-            torch.stack(losses).mean(), rms_total_norm(norms).to(device)]).tolist()
+        # One host sync an epoch: the mean loss and, when sampled, the RMS gradient norm together.
+        epoch_stats = [torch.stack(losses).mean()] + ([rms_total_norm(norms)] if norms else [])
+        train_loss, *norm = torch.stack(epoch_stats).tolist()
         metrics = {"epoch": epoch, "train_loss": train_loss, **evaluate(
             model, data, loss_fn, metric_name, device, amp, max(1024, batch_size)), **epoch_lrs}
-        if norms:
-            metrics["grad_norm"] = norm
+        if norm:
+            metrics["grad_norm"] = norm[0]
         if fp16:
             metrics["skipped_steps"] = result.skipped_steps
         metrics["epoch_time"] = time.perf_counter() - started
