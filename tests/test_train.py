@@ -191,3 +191,42 @@ def test_the_cnn_learns_real_mnist_from_the_archives(tmp_path):
     result = train(cfg, output_dir=tmp_path)
     assert result.status == "completed"
     assert result.history[-1]["val_acc"] > 0.8  # chance is 0.1
+
+
+@pytest.mark.parametrize("loss", ["mse", "huber", "cross_entropy"])
+def test_evaluation_in_uneven_batches_equals_the_whole_split_at_once(loss):
+    from sweep.data import load_data
+    from sweep.models import build_model
+    from sweep.train import evaluate, loss_and_metric
+
+    cfg = (compose(["dataset=digits", "model=cnn", "tracking=none"]) if loss == "cross_entropy"
+           else config(f"trainer.loss={loss}"))
+    data = load_data(cfg.dataset)
+    model = build_model(cfg.model, data)
+    loss_fn, metric_name, _ = loss_and_metric(cfg, data)
+    got = evaluate(model, data, loss_fn, metric_name, torch.device("cpu"), None, batch_size=17)
+
+    with torch.no_grad():
+        out = model.eval()(data.x_val)  # evaluate() left it training: the CNN has dropout
+    metric = ((out.argmax(1) == data.y_val).float().mean() if metric_name == "val_acc"
+              else torch.nn.functional.mse_loss(out, data.y_val))
+    assert got["val_loss"] == pytest.approx(loss_fn(out, data.y_val).item(), rel=1e-5)
+    assert got[metric_name] == pytest.approx(metric.item(), rel=1e-5)
+    if loss == "huber":
+        assert got["val_loss"] != pytest.approx(got["val_mse"])
+
+
+def test_epoch_means_give_the_mean_loss_and_the_rms_of_the_total_gradient_norm():
+    from sweep.train import epoch_means, grad_norms
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    model(torch.randn(8, 3)).square().mean().backward()
+    norms = grad_norms(list(model.parameters()))
+    total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    assert math.sqrt(sum(n.item() ** 2 for n in norms)) == pytest.approx(total, rel=1e-5)
+
+    losses = [torch.tensor(v) for v in (1.0, 2.0, 6.0)]
+    samples = [[torch.tensor(3.0), torch.tensor(4.0)], [torch.tensor(0.0), torch.tensor(0.0)]]
+    # Totals 5 and 0: the RMS is sqrt((25 + 0) / 2).
+    assert epoch_means(losses, samples) == pytest.approx((3.0, math.sqrt(12.5)))
+    assert math.isnan(epoch_means(losses, [])[1])

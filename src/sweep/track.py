@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -60,19 +61,79 @@ def use_store(cfg: DictConfig | None = None, experiment: str | None = None) -> s
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+MetricPoint = tuple[str, float, int, int]  # key, value, timestamp (ms), step
+
+
+def write_metrics(run_id: str, points: list[MetricPoint]) -> str:
+    """Append metric points to a run as `MlflowClient.log_batch` would; returns which path did.
+
+    `log_batch` builds and validates an ORM object per point: on SQLite about 50 us each, plus
+    5 ms a batch, which is a tenth of a run whose epochs take 3 ms. On a SQL store (SQLite,
+    PostgreSQL, MySQL) the points go in as one bulk INSERT into MLflow's own tables, through its
+    SQLAlchemy models so the columns are the installed MLflow's: 900 points in 8 ms. The run's
+    latest values are kept as `log_batch` keeps them. Any other store (a tracking server), or a
+    batch the bulk path refuses, goes through `log_batch`; a failed bulk INSERT is rolled back
+    whole, so no point is written twice.
+    """
+    import mlflow
+    from mlflow.entities import Metric
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from sqlalchemy.exc import IntegrityError
+
+    client = mlflow.MlflowClient()
+    store = client._tracking_client.store
+    if isinstance(store, SqlAlchemyStore):
+        try:
+            _bulk_insert_metrics(store, run_id, points)
+            return "bulk"
+        except Exception as err:
+            # A point stored twice (log_batch skips repeats) is expected; anything else will
+            # recur in every batch, so say so. MLflow's session wraps the database's errors.
+            if not isinstance(err.__cause__ or err, IntegrityError):
+                warnings.warn(f"Writing metrics in bulk failed ({type(err).__name__}: {err}); "
+                              "using MLflow's log_batch, which is slower", stacklevel=2)
+    client.log_batch(run_id, metrics=[Metric(*p) for p in points])
+    return "log_batch"
+
+
+def _bulk_insert_metrics(store: Any, run_id: str, points: list[MetricPoint]) -> None:
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
+    from sqlalchemy import insert
+
+    def order(row: Any) -> tuple:  # MLflow's rule for a key's latest value
+        return (row["step"], row["timestamp"], row["value"])
+
+    rows, latest = [], {}
+    for key, value, timestamp, step in points:
+        is_nan, value = store.sanitize_metric_value(value)  # NaN as 0 and a flag, inf as max
+        row = {"run_uuid": run_id, "key": key, "value": value, "timestamp": timestamp,
+               "step": step, "is_nan": is_nan}
+        rows.append(row)
+        if key not in latest or order(row) > order(latest[key]):
+            latest[key] = row
+    with store.ManagedSessionMaker(read_only=False) as session:  # one transaction
+        session.execute(insert(SqlMetric.__table__), rows)  # Core: no ORM work per row
+        for old in session.query(SqlLatestMetric).filter(
+                SqlLatestMetric.run_uuid == run_id, SqlLatestMetric.key.in_(list(latest))).all():
+            new = latest.pop(old.key)
+            if order(new) > (old.step, old.timestamp, old.value):
+                old.value, old.timestamp, old.step, old.is_nan = (
+                    new["value"], new["timestamp"], new["step"], new["is_nan"])
+        session.add_all([SqlLatestMetric(**row) for row in latest.values()])
+
+
 class Tracker:
     """Logs one MLflow run's curves, figures and tags.
 
-    Metrics are buffered and written in batches by one background thread: every `flush_every_s`
-    seconds the buffer goes to the writer as one `log_batch`, so the database work (on SQLite about
-    50 us a metric and 5 ms a batch) overlaps training instead of stalling each epoch. `close`
-    waits for the writer.
+    Metrics are buffered and written in batches by one background thread (`write_metrics`):
+    every `flush_every_s` seconds the buffer goes to the writer, so the database work overlaps
+    training instead of stalling each epoch. `close` waits for the writer.
     """
 
     def __init__(self, run_id: str | None, flush_every_s: float = 0.5):
         self.run_id = run_id
         self.flush_every_s = flush_every_s
-        self._pending: list[Any] = []
+        self._pending: list[MetricPoint] = []
         self._flushed_at = time.monotonic()
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
         self._writes: list[Future] = []
@@ -83,19 +144,14 @@ class Tracker:
             self.flush(wait=False)
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._pending += [(k, float(v), now, step) for k, v in metrics.items()]
 
     def flush(self, wait: bool = True) -> None:
         """Hand the buffered metrics to the writer; with `wait`, until everything is written."""
-        import mlflow
-
-        client = mlflow.MlflowClient()
         for i in range(0, len(self._pending), 1000):  # MLflow takes at most 1000 per batch
             self._writes.append(self._writer.submit(
-                client.log_batch, self.run_id, metrics=self._pending[i:i + 1000]))
+                write_metrics, self.run_id, self._pending[i:i + 1000]))
         self._pending = []
         self._flushed_at = time.monotonic()
         if wait:

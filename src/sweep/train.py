@@ -97,15 +97,22 @@ def loss_and_metric(cfg: DictConfig, data: Data) -> tuple[Callable, str, str]:
     return F.mse_loss, "val_mse", "minimize"
 
 
-def grad_norms(params: list[torch.Tensor]) -> torch.Tensor:
-    """Each parameter's gradient norm, as one tensor on the device: a fused norm, no host sync."""
+def grad_norms(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each parameter's gradient norm, on the device: one fused op, no host sync."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    return torch.stack(torch._foreach_norm(grads))
+    return list(torch._foreach_norm(grads))
 
 
-def rms_total_norm(samples: list[torch.Tensor]) -> torch.Tensor:
-    """The root-mean-square over sampled steps of the total gradient norm (`grad_norms` rows)."""
-    return torch.stack(samples).square().sum(1).mean().sqrt()
+def epoch_means(losses: list[torch.Tensor], norms: list[list[torch.Tensor]]) -> tuple[float, float]:
+    """The mean step loss, and the RMS over sampled steps of the total gradient norm (or NaN).
+
+    Both come back from the device in one read; the arithmetic on these few hundred numbers is
+    cheaper in Python than the half-dozen tensor ops it would take there.
+    """
+    values = torch.stack([*losses, *(n for sample in norms for n in sample)]).tolist()
+    squares = sum(v * v for v in values[len(losses):])  # over samples and parameters
+    rms = math.sqrt(squares / len(norms)) if norms else math.nan
+    return sum(values[:len(losses)]) / len(losses), rms
 
 
 def batches(data: Data, device: torch.device, bs: int, num_workers: int, gen: torch.Generator,
@@ -127,6 +134,7 @@ def evaluate(model: torch.nn.Module, data: Data, loss_fn: Callable, metric_name:
              device: torch.device, amp: torch.dtype | None, batch_size: int) -> dict[str, float]:
     """Validation loss and metric, summed on the device and read back once."""
     model.eval()
+    metric_is_loss = loss_fn is F.mse_loss  # then val_mse is val_loss: computed once
     sums = []  # per batch: loss * batch size, then the metric's sum
     for xb, yb in tensor_batches(data.x_val, data.y_val, batch_size, False, None):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -138,10 +146,11 @@ def evaluate(model: torch.nn.Module, data: Data, loss_fn: Callable, metric_name:
         sums.append(loss_fn(out, yb) * len(xb))
         if metric_name == "val_acc":
             sums.append((out.argmax(1) == yb).sum())
-        else:
+        elif not metric_is_loss:
             sums.append(F.mse_loss(out, yb, reduction="sum") / out.shape[1:].numel())
     model.train()
-    val_loss, metric = (torch.stack(sums).view(-1, 2).sum(0) / len(data.x_val)).tolist()
+    totals = (torch.stack(sums).view(-1, 2 - metric_is_loss).sum(0) / len(data.x_val)).tolist()
+    val_loss, metric = totals * 2 if metric_is_loss else totals
     return {"val_loss": val_loss, metric_name: metric}
 
 
@@ -214,13 +223,14 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
         started = time.perf_counter()
         epoch_lrs = group_lrs(optimizer)  # what this epoch's first step applies
         losses: list[torch.Tensor] = []  # on the device: summed once, at the epoch's end
-        norms: list[torch.Tensor] = []   # each sampled step's gradient norms, before clipping
+        norms: list[list[torch.Tensor]] = []  # sampled steps' gradient norms, before clipping
         trace: list[tuple[int, tuple[float, ...]]] = []  # (step, each group's lr) applied
         for xb, yb in batches(data, device, batch_size, num_workers, gen, on_device):
             if data.augment:
                 xb = augment_batch(xb, generator=gen, **data.augment)
             with autocast:
-                loss = loss_fn(model(xb).float(), yb)
+                out = model(xb)
+                loss = loss_fn(out if amp is None else out.float(), yb)
             optimizer.zero_grad(set_to_none=True)
             if fp16:
                 scaler.scale(loss).backward()
@@ -261,13 +271,11 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
                             for k, lrs in trace for name, lr in zip(group_names, lrs, strict=True)]
 
         # 3. Evaluate, then step an epoch schedule (plateau schedules get the metric).
-        # One host sync an epoch: the mean loss and, when sampled, the RMS gradient norm together.
-        epoch_stats = [torch.stack(losses).mean()] + ([rms_total_norm(norms)] if norms else [])
-        train_loss, *norm = torch.stack(epoch_stats).tolist()
+        train_loss, grad_norm = epoch_means(losses, norms)  # one host sync an epoch
         metrics = {"epoch": epoch, "train_loss": train_loss, **evaluate(
             model, data, loss_fn, metric_name, device, amp, max(1024, batch_size)), **epoch_lrs}
-        if norm:
-            metrics["grad_norm"] = norm[0]
+        if norms:
+            metrics["grad_norm"] = grad_norm
         if fp16:
             metrics["skipped_steps"] = result.skipped_steps
         metrics["epoch_time"] = time.perf_counter() - started
