@@ -1,9 +1,10 @@
 """After the search: retrain each schedule's best configuration with several seeds, and compare.
 
-The summary names a winner only when its lead over the runner-up is larger than the seed-to-seed
-spread (the larger of the two standard deviations over the confirmation seeds); a smaller gap is
-what a different seed could undo. Confirmation runs are cached in the output directory, so a
-resumed or repeated command does not train them again.
+The summary names a winner only when the runner-up is worse by more than the seed-to-seed noise:
+the confirmation runs pair up by seed, and the test is `sweep.report`'s (a paired t-test, p < 0.05),
+so the study's summary and the report read back from MLflow agree. A smaller gap is what a
+different seed could undo. Confirmation runs are cached in the output directory, so a resumed or
+repeated command does not train them again.
 """
 
 from __future__ import annotations
@@ -126,24 +127,31 @@ def epochs_to(curve: list[float], target: float, maximize: bool) -> int | None:
     return None
 
 
-def verdict(ranked: list[Row], metric: str) -> tuple[str | None, str]:
-    """The winner, if its lead over the runner-up is larger than the seed-to-seed spread."""
+def verdict(ranked: list[Row], metric: str, maximize: bool) -> tuple[str | None, str]:
+    """The winner, if the runner-up is worse than it by more than the seed-to-seed noise."""
+    from sweep.report import compare
+
     if not ranked:
         return None, "no schedule completed a trial: nothing to compare"
     first = ranked[0]
     if len(ranked) == 1:
         return None, f"only {first.schedule} completed a trial: nothing to compare it with"
     second = ranked[1]
-    if len(first.values) < 2 or len(second.values) < 2:
+
+    def by_seed(row: Row) -> dict[int, float]:
+        return {r["seed"]: r["final"] for r in row.runs if math.isfinite(r["final"])}
+
+    test = compare(by_seed(first), by_seed(second), maximize)
+    if test.test == "too few seeds":
         return None, ("no winner named: set study.seeds to two or more seeds to measure the "
-                      "seed-to-seed spread")
-    gap, spread = abs(first.mean - second.mean), max(first.std, second.std)
-    if gap > spread:
+                      "seed-to-seed noise")
+    evidence = f"{test.test} over {test.n} seeds, p = {test.p:.2g}"
+    if test.beyond_noise:
         return first.schedule, (f"winner: {first.schedule} ({metric} {first.mean:.4f} vs "
-                                f"{second.schedule} {second.mean:.4f}: the gap {gap:.4f} is larger "
-                                f"than the seed-to-seed spread {spread:.4f})")
-    return None, (f"no clear winner: {first.schedule} leads {second.schedule} by {gap:.4f}, "
-                  f"within the seed-to-seed spread {spread:.4f}")
+                                f"{second.schedule} {second.mean:.4f}; {evidence})")
+    return None, (f"no clear winner: {first.schedule} leads {second.schedule} by "
+                  f"{abs(first.mean - second.mean):.4f}, within the seed-to-seed noise "
+                  f"({evidence})")
 
 
 # --- the table and files --------------------------------------------------------------------------
@@ -297,7 +305,7 @@ def summarize(cfg: DictConfig, plan: Plan, studies: dict[str, optuna.Study],
         target = ranked[-1].mean
     for row in rows:
         row.to_target = [epochs_to(r["curve"], target, maximize) for r in row.runs]
-    winner, line = verdict(ranked, plan.metric)
+    winner, line = verdict(ranked, plan.metric, maximize)
     how = "set by study.target" if cfg.study.target is not None else "the worst schedule's mean"
     notes = [line]
     if target is not None:
