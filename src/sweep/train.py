@@ -6,7 +6,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,13 +97,14 @@ def loss_and_metric(cfg: DictConfig, data: Data) -> tuple[Callable, str, str]:
     return F.mse_loss, "val_mse", "minimize"
 
 
-def grad_norms(params: list[torch.Tensor]) -> list[torch.Tensor]:
+def grad_norms(params: list[torch.Tensor]) -> Sequence[torch.Tensor]:
     """Each parameter's gradient norm, on the device: one fused op, no host sync."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    return list(torch._foreach_norm(grads))
+    return torch._foreach_norm(grads)
 
 
-def epoch_means(losses: list[torch.Tensor], norms: list[list[torch.Tensor]]) -> tuple[float, float]:
+def epoch_means(losses: list[torch.Tensor],
+                norms: list[Sequence[torch.Tensor]]) -> tuple[float, float]:
     """The mean step loss, and the RMS over sampled steps of the total gradient norm (or NaN).
 
     Both come back from the device in one read; the arithmetic on these few hundred numbers is
@@ -135,7 +136,7 @@ def evaluate(model: torch.nn.Module, data: Data, loss_fn: Callable, metric_name:
     """Validation loss and metric, summed on the device and read back once."""
     model.eval()
     metric_is_loss = loss_fn is F.mse_loss  # then val_mse is val_loss: computed once
-    sums = []  # per batch: loss * batch size, then the metric's sum
+    sums = []  # per batch: loss * batch size, then (unless it is the loss) the metric's sum
     for xb, yb in tensor_batches(data.x_val, data.y_val, batch_size, False, None):
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         if amp is None:
@@ -149,8 +150,9 @@ def evaluate(model: torch.nn.Module, data: Data, loss_fn: Callable, metric_name:
         elif not metric_is_loss:
             sums.append(F.mse_loss(out, yb, reduction="sum") / out.shape[1:].numel())
     model.train()
-    totals = (torch.stack(sums).view(-1, 2 - metric_is_loss).sum(0) / len(data.x_val)).tolist()
-    val_loss, metric = totals * 2 if metric_is_loss else totals
+    per_batch = 1 if metric_is_loss else 2
+    totals = (torch.stack(sums).view(-1, per_batch).sum(0) / len(data.x_val)).tolist()
+    val_loss, metric = (totals[0], totals[0]) if metric_is_loss else totals
     return {"val_loss": val_loss, metric_name: metric}
 
 
@@ -223,7 +225,7 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
         started = time.perf_counter()
         epoch_lrs = group_lrs(optimizer)  # what this epoch's first step applies
         losses: list[torch.Tensor] = []  # on the device: summed once, at the epoch's end
-        norms: list[list[torch.Tensor]] = []  # sampled steps' gradient norms, before clipping
+        norms: list[Sequence[torch.Tensor]] = []  # sampled steps' gradient norms, before clipping
         trace: list[tuple[int, tuple[float, ...]]] = []  # (step, each group's lr) applied
         for xb, yb in batches(data, device, batch_size, num_workers, gen, on_device):
             if data.augment:
