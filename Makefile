@@ -5,16 +5,16 @@ ARGS ?=
 STORE ?= $(if $(MLFLOW_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
 .PHONY: help install run sweep schedules study-bn lr-find report test test-slow test-gpu bench \
-	bench-study ui lint clean
+	bench-study ui server server-stop lint clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 # The environment is made once, and again only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,distributed]"
 	touch $@
 
 install: $(VENV)/.installed  ## create .venv and install sweep (editable) with dev extras
@@ -28,13 +28,13 @@ sweep: install  ## Optuna search over schedules: make sweep ARGS="study.trials=2
 schedules: install  ## plot schedules without training: make schedules ARGS="+schedules=all"
 	$(PY) -m sweep.schedules $(ARGS)
 
-study-bn: install  ## the BN-versus-no-BN learning-rate sensitivity study
+study-bn: install  ## the BN-versus-no-BN lr sensitivity study: make study-bn ARGS="sensitivity.seeds=[929,1]"
 	$(PY) -m sweep.sensitivity experiment=bn_sensitivity $(ARGS)
 
 lr-find: install  ## LR range test: make lr-find ARGS="model=mlp dataset=synthetic_regression"
 	$(PY) -m sweep.lr_find $(ARGS)
 
-report: install  ## schedule-comparison report of a study, read back from MLflow
+report: install  ## a study's schedule comparison, read back from MLflow: make report ARGS="report.study=schedules"
 	$(PY) -m sweep.report $(ARGS)
 
 test: install  ## the default test suite (fast; what CI runs)
@@ -54,6 +54,12 @@ bench-study: install  ## the study's own cost per trial against training time
 
 ui: install  ## open the MLflow UI on the store runs log to
 	$(VENV)/bin/mlflow ui --backend-store-uri $(STORE)
+
+server: install  ## local PostgreSQL + MLflow server for many workers (.server/; prints the URLs)
+	VENV=$(VENV) scripts/server.sh start
+
+server-stop:  ## stop what make server started
+	scripts/server.sh stop
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check src tests scripts

@@ -3,11 +3,16 @@
     .venv/bin/python scripts/bench_study.py                   # the default study's model and data
     .venv/bin/python scripts/bench_study.py --trials 8 model=mlp dataset.flatten=true
 
-1. End to end: `--trials` trials of one schedule as the study's worker loop runs them (the trial's
-   config, Optuna's sampler and pruner on the study's SQLite storage, a nested MLflow run under the
-   study's run, training, the budget check), with pruning off so every trial trains all its epochs.
-2. The same configurations trained again with bare `train()`: no Optuna, no MLflow.
-3. The overhead split into its parts, each timed alone on the same number of trials.
+1. End to end: `--trials` trials of one schedule exactly as a study's worker runs them
+   (`sweep.study_worker.Worker.take_slot` + `run_trial`: the budget check and ask, the sampled
+   values and the trial's config, the heartbeat, Optuna's report and prune check every epoch on
+   the study's SQLite storage, a nested MLflow run under the study's run, training, recording the
+   outcome, tell), with pruning off so every trial trains all its epochs.
+2. After each, the same configuration trained again with bare `train()`: no Optuna, no MLflow.
+3. The overhead split into its parts, each timed alone on the same number of trials: the trial's
+   config; Optuna and the worker's bookkeeping (the same `run_trial` on a second storage, with
+   tracking off and training replaced by replaying the trial's per-epoch metrics); MLflow (a run
+   with params, config, the same per-epoch metrics and tags).
 
 Everything runs in a temporary directory (its own Optuna storage and MLflow store, both created
 before timing starts). Prints the overhead as a share of the training time.
@@ -16,6 +21,7 @@ before timing starts). Prints the overhead as a share of the training time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import statistics
@@ -45,96 +51,102 @@ def main() -> None:
     import optuna
     import torch
 
+    import sweep.train
     from sweep.config import compose
-    from sweep.study import (
-        Objective,
-        make_plan,
-        make_pruner,
-        make_sampler,
-        open_storage,
-        open_studies,
-        parent_run,
-        schedule_overrides,
-        suggest,
-        used_budget,
-        with_values,
-        without_scheduler,
-    )
+    from sweep.launch import threads_per_worker
+    from sweep.study import make_plan, open_studies, parent_run
+    from sweep.study_optuna import make_pruner, make_sampler
+    from sweep.study_plan import with_values
+    from sweep.study_storage import create_study
+    from sweep.study_worker import Worker
     from sweep.track import mlflow_run, use_store
     from sweep.train import train
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    argv = [*args.overrides, f"study.schedules=[{args.schedule}]", f"study.trials={args.trials}",
-            "study.pruner=none", f"study.output_dir={tmp / 'study'}"]
+    schedule = args.schedule
+    argv = [*args.overrides, f"study.schedules=[{schedule}]", f"study.trials={args.trials}",
+            "study.pruner=none", "study.name=bench", f"study.output_dir={tmp / 'study'}"]
     cfg = compose(argv, "sweep")
     plan = make_plan(cfg, argv)
     plan.out_dir.mkdir(parents=True)
+    torch.set_num_threads(threads_per_worker(plan.settings, plan.workers))  # as a worker does
     use_store(cfg)  # the MLflow store's tables are created here, outside the timings
-    studies = open_studies(plan)
-    warm = compose([*without_scheduler(argv), *schedule_overrides(args.schedule, plan.epochs),
-                    "tracking=none"], "sweep")
-    train(warm, output_dir=tmp)  # first-run costs (allocator, kernels) are not a trial's
+    worker = Worker(plan)
+    open_studies(worker)
+    plan.parent_run_id = parent_run(cfg, worker)  # the study's MLflow run, as run_study makes it
+    untracked = {"tracking.enabled": False}
+    base = worker.base(schedule)  # composed once per schedule, as in a study
+    train(with_values(base, untracked), output_dir=tmp)  # first-run costs are not a trial's
 
-    # 1 and 2, interleaved so that a busy machine slows both alike: one trial as the study's
-    # worker loop runs it (sampler, pruner, Objective, the budget check after it) under the study's
-    # MLflow parent run, then the same configuration bare.
-    base = [*without_scheduler(argv), "tracking=none"]
-    study = optuna.load_study(study_name=plan.study_name(args.schedule),
-                              storage=open_storage(plan.storage),
-                              sampler=make_sampler(plan.settings, plan.spaces[args.schedule], 0),
-                              pruner=make_pruner(plan.settings, plan.epochs))
-    objective = Objective(plan, args.schedule, nested=True)
+    # 1 and 2, interleaved so that a busy machine slows both alike: one trial as the study's worker
+    # loop runs it, then the same configuration bare.
+    s = plan.settings
+    study = worker.study(schedule, sampler=make_sampler(s, plan.spaces[schedule], s["seed"]),
+                         pruner=make_pruner(s, plan.epochs))
+    budget = plan.budget[schedule]
 
-    def study_trial() -> None:
-        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
-        used_budget(study)
+    def study_trial() -> optuna.Trial:
+        trial = worker.take_slot(study, budget)
+        worker.run_trial(study, trial, schedule)
+        return trial
 
-    study_s, bare, knobs = [], [], []
-    with parent_run(cfg, plan, studies):
-        for _ in range(args.trials):
-            study_s.append(timed(study_trial)[0])
-            knobs.append(study.trials[-1].user_attrs["overrides"])
-            trial_cfg = compose([*base, *schedule_overrides(args.schedule, plan.epochs, knobs[-1])],
-                                "sweep")
-            bare.append(timed(train, trial_cfg, output_dir=tmp)[0])
-    trials = study.trials
+    study_s, bare, values, dropped = [], [], [], 0
+    for _ in range(args.trials):
+        took, trial = timed(study_trial)
+        took_bare = timed(train, with_values(base, {**trial.user_attrs["values"], **untracked}),
+                          output_dir=tmp)[0]
+        if trial.user_attrs["state"] != "complete":  # a diverged trial stops early: not a pair
+            dropped += 1
+            continue
+        study_s.append(took)
+        values.append(trial.user_attrs["values"])
+        bare.append(took_bare)
+    trials = [t for t in study.get_trials() if t.user_attrs.get("role") == "trial"]
 
     # 3. The parts of the overhead, each alone.
-    trial_base = compose([*without_scheduler(argv), *schedule_overrides(args.schedule,
-                                                                        plan.epochs)], "sweep")
-    compose_s = [timed(with_values, trial_base, k)[0] for k in knobs]  # what a trial does
-    space = plan.spaces[args.schedule]
-    parts = optuna.create_study(storage=open_storage(f"sqlite:///{tmp / 'optuna_parts.db'}"),
-                                direction=plan.direction,
-                                sampler=make_sampler(plan.settings, space, seed=0),
-                                pruner=make_pruner({**plan.settings, "pruner": "median"},
-                                                   plan.epochs))
-    history = [t.intermediate_values for t in trials]
+    compose_s = [timed(with_values, base, v)[0] for v in values]  # what a trial does
+    # Optuna and the worker's bookkeeping: the same run_trial on a storage of its own, with
+    # tracking off and train() replaced by replaying the trial's recorded metrics.
+    parts_plan = dataclasses.replace(plan, storage=f"sqlite:///{tmp / 'optuna_parts.db'}",
+                                     tracking=False, tracking_uri=None, parent_run_id=None)
+    parts = Worker(parts_plan)
+    parts.bases[schedule] = with_values(base, untracked)
+    create_study(parts.storage, plan.study_name(schedule), plan.direction)
+    parts_study = parts.study(schedule, sampler=make_sampler(s, plan.spaces[schedule], s["seed"]),
+                              pruner=make_pruner(s, plan.epochs))
+    history = iter([[{plan.metric: v} for _, v in sorted(t.intermediate_values.items())]
+                    for t in trials])
 
-    def optuna_trial(values: dict[int, float]) -> None:
-        trial = parts.ask()
-        suggest(trial, space)
-        for epoch, value in values.items():
-            trial.report(value, epoch)
-            trial.should_prune()
-        parts.tell(trial, list(values.values())[-1] if values else 0.0)
+    def replay(cfg, callback=None, tracker=None, output_dir=None) -> sweep.train.TrainResult:
+        rows = next(history)
+        for epoch, row in enumerate(rows, 1):
+            if callback is not None and callback(epoch, row):
+                break
+        return sweep.train.TrainResult(status="completed", metric_name=plan.metric,
+                                       direction=plan.direction, history=rows,
+                                       best_metric=rows[-1][plan.metric])
 
-    optuna_s = [timed(optuna_trial, h)[0] for h in history]
-    trial_cfg = compose([*without_scheduler(argv), *schedule_overrides(args.schedule, plan.epochs,
-                                                                       knobs[0])], "sweep")
+    real_train, sweep.train.train = sweep.train.train, replay
+    try:
+        optuna_s = [timed(lambda: parts.run_trial(parts_study, parts.take_slot(
+            parts_study, budget), schedule))[0] for _ in trials]
+    finally:
+        sweep.train.train = real_train
     epochs = [{"epoch": e, "train_loss": 0.1, "val_loss": 0.1, plan.metric: 0.9, "lr": 0.01,
                "grad_norm": 1.0, "epoch_time": 0.1} for e in range(1, plan.epochs + 1)]
+    trial_cfg = with_values(base, values[0])
+    tags = {"role": "bench", "mlflow.parentRunId": plan.parent_run_id}
 
     def mlflow_trial() -> None:
-        with mlflow_run(trial_cfg, run_name_="bench", tags={"role": "bench"}) as tracker:
+        with mlflow_run(trial_cfg, run_name_="bench", tags=tags) as tracker:
             for row in epochs:
                 tracker.log_epoch(row["epoch"], row)
-            tracker.set_tags({"state": "complete", "status": "completed"})
-            tracker.log_step(plan.epochs, {"objective": 0.9})
+            tracker.set_tags({"state": "complete"})
+            tracker.log_step(plan.epochs, {"objective": 0.9, f"best_{plan.metric}": 0.9})
 
-    mlflow_s = [timed(mlflow_trial)[0] for _ in knobs]
+    mlflow_s = [timed(mlflow_trial)[0] for _ in values]
 
-    n = len(knobs)
+    n = len(values)
     median = statistics.median
     train_s = median(bare)
     overhead = median(s - b for s, b in zip(study_s, bare, strict=True))
@@ -144,17 +156,18 @@ def main() -> None:
              min(study_s) - min(bare)),
             ("  the trial's config (schedule's config + the sampled values)", median(compose_s),
              min(compose_s)),
-            ("  Optuna: ask, suggest, report+prune per epoch, tell (SQLite)", median(optuna_s),
-             min(optuna_s)),
+            ("  Optuna + worker: slot, ask, heartbeat, report+prune, tell; + the config",
+             median(optuna_s), min(optuna_s)),
             ("  MLflow: a run with params, config, per-epoch metrics, tags", median(mlflow_s),
              min(mlflow_s))]
-    print(f"\n{n} trials of {cfg.choices.model}/{cfg.choices.dataset}, schedule {args.schedule}, "
+    print(f"\n{n} trials of {cfg.choices.model}/{cfg.choices.dataset}, schedule {schedule}, "
           f"{plan.epochs} epochs each; torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'seconds per trial':<66} {'median':>8} {'min':>8}   % of training (median, min)")
+          f"threads, {os.cpu_count()} cores, Python {platform.python_version()}, Optuna "
+          f"{optuna.__version__}, load average {os.getloadavg()[0]:.1f}"
+          + (f"; {dropped} diverged trial(s) left out" if dropped else ""))
+    print(f"{'seconds per trial':<70} {'median':>8} {'min':>8}   % of training (median, min)")
     for label, med, low in rows:
-        print(f"  {label:<64} {med:8.3f} {low:8.3f}   {100 * med / train_s:5.1f}% "
+        print(f"  {label:<68} {med:8.3f} {low:8.3f}   {100 * med / train_s:5.1f}% "
               f"{100 * low / min(bare):5.1f}%")
     print(f"overhead / training = {overhead / train_s:.1%} (medians), "
           f"{(min(study_s) - min(bare)) / min(bare):.1%} (minima)")

@@ -120,11 +120,16 @@ def main() -> None:
             fixed.append(run)
             bare.append(timed_trainer(untracked)[0])
         p, o, b = statistics.median(plain), statistics.median(ours), statistics.median(bare)
+        # MLflow's own cost: each repeat's tracked run over its untracked run, which ran right
+        # after it, so a change in the machine's load between repeats mostly cancels out.
+        paired = sorted(on / off for on, off in zip(ours, bare, strict=True))
         # Other processes only ever add time, so the ratio of the fastest runs is printed too.
         print(f"{name:26s} plain {p:6.3f} s  sweep {o:6.3f} s  ratio {o / p:5.3f}  "
               f"(medians of {args.repeats}; plain {min(plain):.3f}-{max(plain):.3f}, "
               f"sweep {min(ours):.3f}-{max(ours):.3f}; ratio of minima "
               f"{min(ours) / min(plain):5.3f}); tracking off {b:6.3f} s, ratio {b / p:5.3f}; "
+              f"MLflow on/off {statistics.median(paired):5.3f} (paired, "
+              f"{paired[0]:.3f}-{paired[-1]:.3f}); "
               f"MLflow run open+close+plots {statistics.median(fixed):.2f} s per run")
 
 

@@ -92,3 +92,21 @@ def test_resuming_from_a_checkpoint_continues_the_same_mlflow_run(tmp_path):
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     assert run.data.tags["status"] == "completed"
+
+
+@pytest.mark.parametrize(("module", "setting", "message"), [
+    ("sweep.sensitivity", "sensitivity.lrs=[]",  # the default factor, model.bn, needs model=mlp
+     "sensitivity.lrs=[] is not allowed: a non-empty list of learning rates > 0"),
+    ("sweep.lr_find", "lr_find.steps=0", "lr_find.steps=0 is not allowed: must be an integer >= 3"),
+    ("sweep.report", "report.format=pdf",
+     "report.format='pdf' is not allowed: choose one of md, html"),
+])
+def test_the_other_commands_refuse_a_bad_setting_in_one_line_from_any_directory(
+        tmp_path, module, setting, message):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-m", module, "model=mlp", setting], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == f"sweep: error: {message}"
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow store, let alone a run

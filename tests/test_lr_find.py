@@ -1,22 +1,25 @@
 """The LR range test: where it suggests an lr on a known curve, and a real run end to end."""
 
 import math
+import sys
 
 import mlflow
 import numpy as np
 import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
+from sweep import CONF_DIR
 from sweep.config import ConfigError, compose
 from sweep.lr_find import (
-    DEFAULTS,
     LRFindResult,
     bounds_from,
+    check,
     explosion_start,
-    load_settings,
     lr_find,
     main,
+    settings_of,
     smooth,
-    split_settings,
     suggest,
     suggest_lr_bounds,
 )
@@ -68,20 +71,29 @@ def test_bounds_span_two_decades_and_contain_both_suggestions():
     assert low < 0.03 < 0.2 < high
 
 
-def test_settings_come_from_defaults_then_the_command_line():
-    hydra_items, own = split_settings(["model=mlp", "lr_find.steps=50", "+lr_find.max_lr=1"],
-                                      "lr_find")
-    assert hydra_items == ["model=mlp"]
-    s = load_settings(None, "lr_find", DEFAULTS, own)
-    assert (s.steps, s.max_lr, s.min_lr) == (50, 1, DEFAULTS["min_lr"])
-    with pytest.raises(ConfigError, match="lr_find.stepz.*choose from"):
-        load_settings(None, "lr_find", DEFAULTS, ["lr_find.stepz=3"])
+def test_settings_come_from_the_group_and_a_config_without_it_gets_the_groups_defaults():
+    s = compose(["lr_find.steps=50", "lr_find.max_lr=1"], "lr_find").lr_find
+    assert (s.steps, s.max_lr, s.min_lr) == (50, 1, 1e-6)
+    defaults = OmegaConf.load(CONF_DIR / "lr_find" / "default.yaml")
+    assert settings_of(compose([], "sweep")) == defaults  # the study's config has no lr_find group
+    with pytest.raises(ConfigCompositionException, match="lr_find.stepz"):
+        compose(["lr_find.stepz=3"], "lr_find")
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("lr_find.steps=0", "lr_find.steps=0 is not allowed: must be an integer >= 3"),
+    ("lr_find.max_lr=1e-7", "lr_find.max_lr=1e-07 is not allowed: must be above lr_find.min_lr"),
+    ("lr_find.smoothing=1", "lr_find.smoothing=1 is not allowed: must be in [0.0, 1.0)"),
+    ("lr_find.diverge=1", "lr_find.diverge=1 is not allowed: must be > 1"),
+])
+def test_bad_settings_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        check(compose([override], "lr_find"))
+    assert str(err.value).startswith(message)
 
 
 def test_range_test_on_the_article_data_stops_when_the_loss_explodes():
-    cfg = compose(TINY)
-    s = load_settings(cfg, "lr_find", DEFAULTS, ["lr_find.min_lr=1e-4", "lr_find.steps=150"])
-    result = lr_find(cfg, s)
+    result = lr_find(compose([*TINY, "lr_find.min_lr=1e-4", "lr_find.steps=150"], "lr_find"))
     assert result.status == "diverged"  # SGD at lr=10 on this MSE blows up well before the end
     assert len(result.lrs) == len(result.losses) < 150
     assert 3 <= len(result.smoothed) <= len(result.lrs)  # smoothed up to the explosion
@@ -93,19 +105,36 @@ def test_range_test_on_the_article_data_stops_when_the_loss_explodes():
     assert 0 < low < high < 10 and math.isfinite(high)
 
 
+def run_app(monkeypatch, args: list[str]) -> None:
+    """`python -m sweep.lr_find <args>`, in this process."""
+    monkeypatch.setattr(sys, "argv", ["sweep.lr_find", *args])
+    main()
+
+
 def test_cli_logs_the_plot_and_prints_an_override(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    main([*TINY, "lr_find.steps=60", f"lr_find.output_dir={tmp_path / 'out'}"])
+    run_app(monkeypatch, [*TINY, "lr_find.steps=60", f"hydra.run.dir={tmp_path / 'out'}"])
     out = capsys.readouterr().out
     assert "suggested (steepest descent):  optimizer.lr=" in out
-    assert {p.name for p in (tmp_path / "out").iterdir()} == {"lr_find.png", "lr_find.csv",
-                                                              "summary.txt"}
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "lr_find.png", "lr_find.csv", "summary.txt", ".hydra", "lr_find.log"}  # Hydra's folder
     run = mlflow.search_runs(experiment_names=["sweep"], output_format="list")[0]
     assert run.data.tags["kind"] == "lr_find"
     assert run.data.tags["suggested_override"] in out
+    assert run.data.params["lr_find.steps"] == "60"  # the group is part of the logged config
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "plots")]
     assert artifacts == ["plots/lr_find.png"]
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr_find/loss")) > 10
+
+
+def test_cli_refuses_a_bad_setting_before_any_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(SystemExit) as exit_:
+        run_app(monkeypatch, [*TINY, "lr_find.min_lr=0", f"hydra.run.dir={tmp_path / 'out'}"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "sweep: error: lr_find.min_lr=0 is not allowed: must be a number > 0\n")
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_an_explosion_is_left_out_of_the_smoothing_so_it_cannot_hide_the_minimum():

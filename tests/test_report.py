@@ -2,12 +2,13 @@
 from a tiny study's runs in a real MLflow store (made here with the tags `sweep.study` uses)."""
 
 import math
+import sys
 
 import mlflow
 import pytest
 
 from sweep.config import ConfigError, compose
-from sweep.report import compare, write_report
+from sweep.report import compare, main, write_report
 from sweep.track import mlflow_run
 from sweep.train import train
 
@@ -76,11 +77,15 @@ def store(tmp_path_factory):
         yield tmp, parent.run_id
 
 
-def test_markdown_report_from_the_store(store):
-    tmp, parent_id = store
-    report = write_report(["report.study=tiny"])
-    assert report.path == tmp / "outputs" / "report" / "tiny" / "report.md"
-    assert {p.name for p in report.path.parent.iterdir()} == {"report.md", "curves.png", "lr.png"}
+def settings(*overrides: str):
+    return compose(list(overrides), "report")
+
+
+def test_markdown_report_from_the_store(store, tmp_path):
+    _, parent_id = store
+    report = write_report(settings("report.study=tiny"), tmp_path)
+    assert report.path == tmp_path / "report.md"
+    assert {p.name for p in tmp_path.iterdir()} == {"report.md", "curves.png", "lr.png"}
     text = report.path.read_text()
     # Ranked by the confirmation runs' mean final val_mse; step falls back to its best trial.
     assert [r.schedule for r in report.ranked] == ["cosine", "step", "constant"]
@@ -104,14 +109,41 @@ def test_markdown_report_from_the_store(store):
 
 def test_html_report_is_one_self_contained_page(store, tmp_path):
     _, parent_id = store
-    report = write_report([f"report.study={parent_id}", "report.format=html", "report.log=false"],
-                          output_dir=tmp_path)
+    report = write_report(settings(f"report.study={parent_id}", "report.format=html",
+                                   "report.log=false"), tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["report.html"]
     page = report.path.read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
     assert "cosine ranks first" in page
 
 
-def test_an_unknown_study_names_the_ones_there(store):
+def test_an_unknown_study_names_the_ones_there(store, tmp_path):
     with pytest.raises(ConfigError, match="no such study.*studies there: tiny"):
-        write_report(["report.study=nope"])
+        write_report(settings("report.study=nope"), tmp_path)
+
+
+def run_app(monkeypatch, args: list[str]) -> None:
+    """`python -m sweep.report <args>`, in this process."""
+    monkeypatch.setattr(sys, "argv", ["sweep.report", *args])
+    main()
+
+
+def test_the_command_writes_to_outputs_report_study_and_runs_as_a_multirun(store, monkeypatch,
+                                                                           capsys):
+    tmp, _ = store  # the working directory
+    run_app(monkeypatch, ["study=tiny", "report.log=false"])  # the study group names it
+    assert (tmp / "outputs" / "report" / "tiny" / "report.md").exists()
+    assert "cosine ranks first" in capsys.readouterr().out
+    run_app(monkeypatch, ["-m", "report.study=tiny", "report.format=md,html", "report.log=false",
+                          f"hydra.sweep.dir={tmp / 'multi'}"])
+    assert (tmp / "multi" / "0" / "report.md").exists()
+    assert (tmp / "multi" / "1" / "report.html").exists()
+
+
+def test_the_command_refuses_a_bad_setting_before_reading_mlflow(store, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # never reached
+    with pytest.raises(SystemExit) as exit_:
+        run_app(monkeypatch, ["report.study=tiny", "report.format=pdf"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "sweep: error: report.format='pdf' is not allowed: choose one of md, html\n")

@@ -1,7 +1,9 @@
 """Every schedule in conf/scheduler/: real PyTorch schedulers over a tiny optimizer, no mocks."""
 
 import csv
+import inspect
 import io
+import json
 import math
 import subprocess
 import sys
@@ -9,9 +11,11 @@ import warnings
 
 import pytest
 import torch
+from hydra.utils import get_object
 from omegaconf import OmegaConf, open_dict
 from torch.optim import lr_scheduler as L
 
+from sweep import CONF_DIR
 from sweep.config import ConfigError, compose
 from sweep.report import lr_figure
 from sweep.schedules import (
@@ -24,6 +28,8 @@ from sweep.schedules import (
     to_ticks,
     validate_scheduler,
 )
+from sweep.schedules.build import META_KEYS
+from sweep.schedules.checks import Rule, parse_rule
 
 SCHEDULES = available_schedules()
 
@@ -68,6 +74,72 @@ def test_every_schedule_composes_validates_builds_and_steps(name):
     rows = simulate(cfg, budget)
     assert len(rows) == budget.total_steps
     assert all(math.isfinite(r["lr"]) and r["lr"] >= 0 for r in rows)
+
+
+def own_settings(name):
+    """The arguments conf/scheduler/<name>.yaml passes to its target, and its declared checks."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "scheduler" / f"{name}.yaml"))
+    return [k for k in raw if k != "_target_" and k not in META_KEYS], raw.get("checks") or {}
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_schedule_declares_one_check_per_argument(name):
+    settings, checks = own_settings(name)
+    assert sorted(checks) == sorted(settings), f"{name}.yaml: `checks:` must name its arguments"
+    cfg = compose([f"scheduler={name}"])
+    params = inspect.signature(get_object(cfg.scheduler._target_)).parameters
+    for key, rule in checks.items():
+        assert key in params
+        assert isinstance(parse_rule(f"scheduler.checks.{key}", rule), Rule)
+
+
+def bad_value(rule: Rule):
+    """A value the rule refuses (never null)."""
+    if rule.kind == "choice":
+        return "not-one-of-them"
+    if rule.kind in ("bool", "text"):
+        return 3 if rule.kind == "text" else "maybe"
+    if rule.kind in ("length", "lengths"):
+        return "3 fortnights"
+    one = (rule.low - 1 if rule.low > -math.inf else rule.high + 1 if rule.high < math.inf
+           else "a string")
+    return [one] if rule.kind == "numbers" else one
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_every_declared_check_refuses_a_bad_value_naming_its_key(name):
+    _, checks = own_settings(name)
+    for key, text in checks.items():
+        cfg = compose([f"scheduler={name}", "trainer.epochs=10"])
+        value = bad_value(parse_rule(key, text))
+        OmegaConf.update(cfg, f"scheduler.{key}", value, merge=False)
+        with pytest.raises(ConfigError) as err:
+            validate_scheduler(cfg.scheduler, Budget(10, 2), direction="minimize")
+        message = str(err.value)
+        assert message.startswith(f"scheduler.{key}") and " is not allowed: " in message, message
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize("text,rule", [
+    ("number in (0, 1]", Rule("number", 0, 1, low_open=True)),
+    ("number >= 0", Rule("number", low=0)),
+    ("integer >= 1", Rule("integer", low=1)),
+    ("length", Rule("length", low=1)),
+    ("length >= 0", Rule("length", low=0)),
+    ("lengths", Rule("lengths", low=1)),
+    ("number in [0, 1)", Rule("number", 0, 1, high_open=True)),
+    ("number >= 0 or null", Rule("number", low=0, nullable=True)),
+    ("bool", Rule("bool")),
+    (["cos", "linear"], Rule("choice", choices=("cos", "linear"))),
+])
+def test_check_rules_read_as_written(text, rule):
+    assert parse_rule("k", text) == rule
+
+
+@pytest.mark.parametrize("text", ["unit", "number in 0..1", "bool > 0", "number > x", "", 3, []])
+def test_a_malformed_check_rule_fails_naming_its_key(text):
+    with pytest.raises(ConfigError, match="k="):
+        parse_rule("k", text)
 
 
 # Closed forms over 100 ticks at lr 0.1 (Budget(100, 1): epochs and steps are the same ticks).
@@ -145,12 +217,16 @@ CLOSED_FORMS = {
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_schedule_follows_its_closed_form(name):
-    if name not in CLOSED_FORMS:
-        pytest.skip(f"no closed form written for {name} yet")
+    # A new schedule fails here until its formula and the values it gives are written above.
+    assert name in CLOSED_FORMS, f"conf/scheduler/{name}.yaml: add its closed form to CLOSED_FORMS"
     overrides, formula = CLOSED_FORMS[name]
     rows = simulate(config(f"scheduler={name}", "trainer.epochs=100", *overrides), Budget(100, 1))
     assert first_group(rows) == pytest.approx([formula(t) for t in range(100)], rel=1e-9,
                                               abs=1e-12)
+
+
+def test_closed_forms_name_only_existing_schedules():
+    assert set(CLOSED_FORMS) <= set(SCHEDULES)
 
 
 def test_lambda_is_the_articles_half_per_epoch():
@@ -344,6 +420,94 @@ def halving(tick: int) -> float:
     return 0.5 ** tick
 
 
+def two_arguments(tick: int, k: float) -> float:
+    return k ** tick
+
+
+def text_multiplier(tick: int) -> str:
+    return "1.0"
+
+
+def negative_after_two(tick: int) -> float:
+    return 1.0 if tick < 2 else -1.0
+
+
+def fails_at_three(tick: int) -> float:
+    return 1.0 / (tick - 3)
+
+
+class Halving:
+    def __call__(self, tick: int) -> float:
+        return 0.5 ** tick
+
+
+HALVING = Halving()
+
+
+# Each one ends in a one-line ConfigError before a scheduler exists, and nothing it names is run
+# (sys.exit would end pytest, input would raise OSError under its capture).
+BAD_LAMBDAS = [
+    "sys.exit", "os._exit", "builtins.input", "math.exp", "collections.OrderedDict",
+    "os.path.basename",  # a Python function of one argument, but the standard library's
+    "torch.manual_seed",  # an installed package's
+    "epoch(1)", "exp(epoch, 2)", "min(epoch)", "epoch.real", "nomodule.f",
+    "1 / (epoch - 3) ** 2", "(epoch - 3) ** 2 - 1", "(-1) ** 0.5", "exp(1000 * epoch)",
+    "log(epoch)", "1e308 * 10 * epoch", "0.5 ** epoch if epoch < 4 else -1",
+    f"{__name__}.two_arguments", f"{__name__}.text_multiplier", f"{__name__}.negative_after_two",
+    f"{__name__}.fails_at_three", f"{__name__}.HALVING", f"{__name__}.Halving",
+    f"{__name__}.missing", f"{__name__}",
+]
+
+
+@pytest.mark.parametrize("value", BAD_LAMBDAS)
+def test_a_bad_lambda_fails_in_one_line_naming_the_value(value):
+    cfg = config("scheduler=lambda", "trainer.epochs=5")
+    cfg.scheduler.lr_lambda = value
+    with pytest.raises(ConfigError) as err:
+        validate_scheduler(cfg.scheduler, Budget(5, 2))
+    message = str(err.value)
+    assert message.startswith(f"scheduler.lr_lambda={value!r} is not allowed: "), message
+    assert "\n" not in message
+    with pytest.raises(ConfigError):
+        build_scheduler(cfg.scheduler, tiny_optimizer(), Budget(5, 2))
+
+
+@pytest.mark.parametrize("interval,ticks", [("epoch", 5), ("step", 15)])
+def test_a_lambda_is_checked_on_every_tick_including_the_last(interval, ticks):
+    # The trainer's last step() computes the lr after the last step: that tick counts too.
+    cfg = config("scheduler=lambda", f"scheduler.interval={interval}",
+                 f"scheduler.lr_lambda='1 / abs({interval} - {ticks})'")
+    with pytest.raises(ConfigError, match=f"at {interval} {ticks} of 0..{ticks};"):
+        validate_scheduler(cfg.scheduler, Budget(5, 3))
+    cfg.scheduler.lr_lambda = f"1 / abs({interval} - {ticks + 1})"
+    validate_scheduler(cfg.scheduler, Budget(5, 3))
+
+
+def test_a_bad_lambda_stops_training_before_the_first_epoch(tmp_path):
+    from sweep.train import train
+
+    cfg = compose(["dataset=synthetic_regression", "dataset.n_samples=100", "model=mlp",
+                   "tracking=none", "trainer.progress=false", "trainer.epochs=5",
+                   "scheduler=lambda", "scheduler.lr_lambda='1 / (epoch - 3) ** 2'"])
+    epochs = []
+    with pytest.raises(ConfigError, match="scheduler.lr_lambda="):
+        train(cfg, callback=lambda e, m: epochs.append(e), output_dir=tmp_path)
+    assert epochs == []
+
+
+@pytest.mark.parametrize("value", ["sys.exit", "'1 / (epoch - 3) ** 2'"])
+def test_the_training_cli_refuses_a_bad_lambda_with_exit_code_2(tmp_path, value):
+    cmd = [sys.executable, "-m", "sweep", "scheduler=lambda", f"scheduler.lr_lambda={value}",
+           "tracking=none", "trainer.epochs=5", "dataset=synthetic_regression", "model=mlp",
+           "dataset.n_samples=100", f"hydra.run.dir={tmp_path}"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"sweep: error: scheduler.lr_lambda={value.strip(chr(39))!r} is "
+                                "not allowed: "), done.stderr
+    assert "Traceback" not in done.stderr and "status:" not in done.stdout
+
+
 @pytest.mark.parametrize("text", ["__import__('os').system('echo owned')", "epoch.__class__",
                                   "open('x')", "[epoch]", "lambda: 1", "exp", "x ** 2",
                                   "math.exp(epoch)(1)", "epoch and 1", "'a' * 3"])
@@ -390,6 +554,19 @@ ERRORS = [
     (["scheduler=lambda", "scheduler.lr_lambda='1 / (epoch - 1)'"], None, "scheduler.lr_lambda="),
     (["scheduler=lambda", "scheduler.lr_lambda='__import__(\"os\")'"], None,
      "scheduler.lr_lambda="),
+    (["scheduler=lambda", "scheduler.lr_lambda=1"], None, "scheduler.lr_lambda=1"),
+    (["scheduler=multistep", "scheduler.milestones=30"], None, "scheduler.milestones=30"),
+    (["scheduler=cyclic", "+scheduler.scale_mode=cycle"], None, "scheduler.scale_mode='cycle'"),
+    (["scheduler=step", "+scheduler.last_epoch=3"], None, "scheduler.last_epoch=3"),
+    (["scheduler=wsd", "+scheduler.total_ticks=3"], None, "scheduler.total_ticks=3"),
+    (["scheduler=step", "scheduler._target_=os.system"], None, "scheduler._target_='os.system'"),
+    (["scheduler=step", "scheduler._target_=torch.optim.SGD"], None, "scheduler._target_="),
+    (["scheduler=step", "+scheduler.prepare=builtins.print"], None, "scheduler.prepare="),
+    (["scheduler=step", "+scheduler.checks.gama='number > 0'"], None, "scheduler.checks.gama="),
+    (["scheduler=step", "scheduler.checks.gamma=unit"], None, "scheduler.checks.gamma='unit'"),
+    # A function of ours is evaluated on every tick too; with several settings it names them all.
+    (["scheduler=exponential_decay", "scheduler.decay_rate=1e300", "scheduler.decay_steps=1"],
+     None, "scheduler={'decay_rate': 1e+300"),
     (["scheduler=step"], lambda c: _space(c, {"type": "float", "low": 1.0, "high": 0.1}),
      "scheduler.search_space.optimizer.lr.low=1.0"),
     (["scheduler=step"], lambda c: _space(c, {"type": "normal", "low": 0.1, "high": 1.0}),
@@ -416,6 +593,7 @@ def test_bad_values_give_one_clear_error_naming_the_key(overrides, edit, message
         search_space(cfg.scheduler)  # what a study checks before its first trial
     assert message in str(err.value)
     assert "not allowed" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_cycling_momentum_needs_an_optimizer_with_momentum():
@@ -488,5 +666,18 @@ def test_cli_reports_a_bad_value_without_a_traceback(tmp_path):
 
 def test_search_spaces_round_trip_as_plain_dicts():
     space = search_space(config("scheduler=step").scheduler)
-    assert OmegaConf.create(space)  # plain containers, ready for Optuna's suggest_* calls
+    assert json.loads(json.dumps(space)) == space  # plain containers for Optuna's suggest_* calls
     assert space["optimizer.lr"] == {"type": "float", "low": 1.0e-4, "high": 1.0, "log": True}
+
+
+@pytest.mark.slow  # two CLI starts (~8 s)
+def test_cli_is_a_hydra_app_with_help_and_cfg_job(tmp_path):
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "sweep.schedules", *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+    assert "+schedules=[step,cosine] | all" in cli("--help")
+    job = OmegaConf.create(cli("--cfg", "job", "scheduler=step", "scheduler.gamma=0.8"))
+    assert job.scheduler.gamma == 0.8 and job.scheduler.checks.step_size == "length"
+    assert not (tmp_path / "outputs").exists()  # --cfg prints; it runs nothing

@@ -2,12 +2,14 @@
 run for real, whose figures, tables and conclusion come from the runs in the MLflow store."""
 
 import math
+import sys
 
 import mlflow
 import pytest
+from hydra.errors import ConfigCompositionException
 
-from sweep.config import ConfigError
-from sweep.sensitivity import Point, conclusion, run_study, summarize
+from sweep.config import ConfigError, compose
+from sweep.sensitivity import Point, conclusion, main, run_study, summarize
 
 LRS = [0.1, 0.03, 0.01, 0.005]
 
@@ -74,7 +76,7 @@ def test_diverging_at_some_lr_counts_as_more_sensitive_and_mixed_results_are_sai
 # --- a tiny real study ---------------------------------------------------------------------------
 
 TINY = ["experiment=bn_sensitivity", "trainer.epochs=3", "sensitivity.lrs=[0.1,0.01]",
-        "sensitivity.seeds=[1,2]", "sensitivity.models={mlp3:['model.hidden=[4,4,4]']}"]
+        "sensitivity.seeds=[1,2]", "~sensitivity.models.mlp4"]  # one depth of the experiment's two
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def study(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sensitivity")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-        result = run_study(TINY, output_dir=tmp / "out")
+        result = run_study(TINY, tmp / "out")
         yield result, tmp
 
 
@@ -102,45 +104,85 @@ def test_tiny_study_is_analysed_from_the_runs_in_the_store(study):
     client = mlflow.MlflowClient()
     parent = client.get_run(result.parent_run_id)
     assert parent.data.tags["conclusion"] == result.conclusion
+    assert parent.data.params["sensitivity.name"] == "bn_sensitivity"  # the experiment's block
     artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "plots")}
     assert artifacts == {"plots/lr_panels.png", "plots/lr_curve.png"}
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert len(children) == 8
     assert mlflow.get_experiment(parent.info.experiment_id).name == "bn_sensitivity"
-    # Each point's final loss is the last train_loss its run logged.
+    # Each point's final loss is the last train_loss its run logged; its run trained its values.
     for point in result.points:
         history = client.get_metric_history(point.run_id, "train_loss")
         assert point.final == max(history, key=lambda m: m.step).value
-        tags = client.get_run(point.run_id).data.tags
-        assert (tags["value"], float(tags["lr"]), int(tags["seed"])) == (
+        run = client.get_run(point.run_id).data
+        assert (run.tags["value"], float(run.tags["lr"]), int(run.tags["seed"])) == (
             point.value, point.lr, point.seed)
+        assert (run.params["model.bn"], float(run.params["optimizer.lr"]),
+                int(run.params["seed"]), run.params["model.hidden"]) == (
+            point.value, point.lr, point.seed, "[4, 4, 4]")
 
 
 def test_a_stored_study_can_be_analysed_again_without_training(study, tmp_path):
     result, tmp = study
-    again = run_study([*TINY, f"sensitivity.from_run={result.parent_run_id}"],
-                      output_dir=tmp_path)
+    again = run_study([*TINY, f"sensitivity.from_run={result.parent_run_id}"], tmp_path)
     assert again.conclusion == result.conclusion
     assert [p.run_id for p in again.points] == [p.run_id for p in result.points]
 
 
-def test_unknown_settings_and_too_few_values_fail_before_training():
-    with pytest.raises(ConfigError, match="sensitivity.lr is not a sensitivity setting"):
-        run_study(["experiment=bn_sensitivity", "sensitivity.lr=[0.1]"])
+def test_unknown_settings_and_bad_values_fail_before_training(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="sensitivity.lr"):
+        compose(["experiment=bn_sensitivity", "sensitivity.lr=[0.1]"], "sensitivity")
     with pytest.raises(ConfigError, match="at least two values"):
-        run_study(["experiment=bn_sensitivity", "sensitivity.values=[pre]"])
+        run_study(["experiment=bn_sensitivity", "sensitivity.values=[pre]"], tmp_path)
+    with pytest.raises(ConfigError, match=r"sensitivity.values='nope' .*model/nope"):
+        run_study(["model=mlp", "sensitivity.factor=model", "sensitivity.values=[mlp,nope]"],
+                  tmp_path)
+    with pytest.raises(ConfigError, match=r"sensitivity.models.x=\['model.hiddn=3'\]"):
+        run_study(["model=mlp", "+sensitivity.models.x=['model.hiddn=3']"], tmp_path)
 
 
-def test_any_config_key_can_be_the_factor_even_without_mlflow(tmp_path):
-    result = run_study(["model=mlp", "dataset=synthetic_regression", "scheduler=constant",
-                        "trainer.epochs=2", "trainer.progress=false", "tracking=none",
-                        "sensitivity.factor=optimizer.momentum", "sensitivity.values=[0,0.9]",
-                        "sensitivity.lrs=[0.01,0.001]", "sensitivity.seeds=[1]"],
-                       output_dir=tmp_path)
-    assert result.parent_run_id is None
-    assert [(s.variant, s.value) for s in result.summaries] == [("model", "0"), ("model", "0.9")]
-    assert "optimizer.momentum=0.9" in result.conclusion
-    assert result.conclusion.endswith("1 seed, so no error bars).")
-    assert {p.name for p in tmp_path.iterdir()} == {
-        "lr_panels.png", "lr_curve.png", "sensitivity.md", "runs.csv"}
+def run_app(monkeypatch, args: list[str]) -> None:
+    """`python -m sweep.sensitivity <args>`, in this process."""
+    monkeypatch.setattr(sys, "argv", ["sweep.sensitivity", *args])
+    main()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("sensitivity.lrs=[]", "sensitivity.lrs=[] is not allowed: a non-empty list of learning "
+                           "rates > 0"),
+    ("sensitivity.factor=model.bnn", "sensitivity.factor='model.bnn' is not allowed: a key of "
+                                     "the config"),
+    ("sensitivity.from_run=abc", "sensitivity.from_run='abc' is not allowed: needs tracking"),
+])
+def test_the_command_refuses_bad_settings_before_any_run(override, message, tmp_path,
+                                                          monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(SystemExit) as exit_:
+        run_app(monkeypatch, ["model=mlp", "tracking=none", override,
+                              f"hydra.run.dir={tmp_path / 'out'}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sweep: error: {message}") and err.count("\n") == 1
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_any_config_key_can_be_the_factor_even_without_mlflow(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default MLflow store would be here
+    run_app(monkeypatch, [
+        "model=mlp", "dataset=synthetic_regression", "scheduler=constant", "trainer.epochs=2",
+        "trainer.progress=false", "tracking=none", "sensitivity.factor=optimizer.momentum",
+        "sensitivity.values=[0,0.9]", "sensitivity.lrs=[0.01,0.001]", "sensitivity.seeds=[1]",
+        "hydra.run.dir=out"])
+    out = capsys.readouterr().out
+    conclusion_line = out.splitlines()[-2]
+    assert "optimizer.momentum=0.9" in conclusion_line
+    assert conclusion_line.endswith("1 seed, so no error bars).")
+    assert "MLflow" not in out and not (tmp_path / "mlflow.db").exists()
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "lr_panels.png", "lr_curve.png", "sensitivity.md", "runs.csv", ".hydra",
+        "sensitivity.log"}  # ours, in Hydra's output folder with its own
+    rows = (tmp_path / "out" / "runs.csv").read_text().splitlines()[1:]
+    assert [tuple(r.split(",")[:4]) for r in rows] == [
+        ("model", "0", "0.001", "1"), ("model", "0", "0.01", "1"),
+        ("model", "0.9", "0.001", "1"), ("model", "0.9", "0.01", "1")]

@@ -6,6 +6,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from contextlib import closing
@@ -18,9 +19,11 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from sweep.config import ConfigError, compose
-from sweep.study import Objective, main, make_plan, run_study, with_values
+from sweep.study import main, make_plan, run_study
 from sweep.study_optuna import counts, grid_values, make_pruner, trial_state
+from sweep.study_plan import knob_overrides, with_values
 from sweep.study_report import Row, verdict
+from sweep.study_worker import Worker
 
 # 2 schedules x 2 trials x 2 epochs of a small MLP on 200 regression samples (3 steps per epoch).
 TINY = ["study=tiny", "dataset=synthetic_regression", "dataset.n_samples=200", "model=mlp",
@@ -104,7 +107,7 @@ def test_the_best_configuration_is_saved_as_a_command_python_m_sweep_reruns(trac
         cfg = compose(words[3:])  # what `python -m sweep` composes: conf/config.yaml
         best = studies_in(out)[row.schedule].trials[row.best_trial]
         assert cfg.choices.scheduler == row.schedule and cfg.trainer.epochs == 2
-        assert cfg.optimizer.lr == pytest.approx(best.params["optimizer.lr"], rel=1e-5)
+        assert cfg.optimizer.lr == best.params["optimizer.lr"]  # exactly what the trial trained
     assert "| schedule |" in (out / "summary.md").read_text()
 
 
@@ -119,8 +122,10 @@ def test_a_raised_budget_runs_only_the_missing_trials(tmp_path):
 
 
 def test_a_trial_left_running_by_a_killed_run_is_run_again(tmp_path):
+    # Killed before its first heartbeat: judged by its start time, after the grace period.
     argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
-            "study.seeds=[1]", f"study.output_dir={tmp_path}"]
+            "study.seeds=[1]", f"study.output_dir={tmp_path}", "study.heartbeat_interval=1",
+            "study.grace_period=2"]
     study = optuna.create_study(study_name="tiny/cosine", direction="minimize",
                                 storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     study.ask()  # a trial whose process was killed: RUNNING forever
@@ -188,10 +193,8 @@ def test_two_workers_complete_the_budget_together_with_distinct_trials(store, tm
             f"study.output_dir={tmp_path}"]
     run_study(argv)
 
-    assert (tmp_path / "optuna.journal").exists() and not (tmp_path / "optuna.db").exists()
-    storage = optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal")))
-    trials = optuna.load_study(study_name="pair/cosine", storage=storage).trials
+    # Both processes worked on the one SQLite storage (WAL lets them share it).
+    trials = studies_in(tmp_path, name="pair", schedules=["cosine"])["cosine"].trials
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(done) == 4 and len({t.number for t in done}) == 4
     assert all(trial_state(t) in ("complete", "pruned", "surplus") for t in trials)
@@ -206,18 +209,30 @@ def test_two_workers_complete_the_budget_together_with_distinct_trials(store, tm
         t.number for t in trials if trial_state(t) != "surplus")
 
 
-def test_a_worker_that_asks_past_the_budget_gives_its_trial_up(tmp_path):
+def test_workers_racing_for_the_last_slot_leave_exactly_one_trial(tmp_path):
     argv = [*TINY, "tracking=none", "study.schedules=[cosine]", f"study.output_dir={tmp_path}"]
-    plan = make_plan(compose(argv, "sweep"), argv)  # a budget of 2 trials
-    study = optuna.create_study(direction=plan.direction)
-    study.ask(), study.ask()  # two trials that other workers are running
+    plan = make_plan(compose(argv, "sweep"), argv)
+    workers = [Worker(plan) for _ in range(4)]  # four processes' connections to one storage
+    studies = [optuna.create_study(study_name="tiny/cosine", storage=w.storage,
+                                   direction=plan.direction, load_if_exists=True)
+               for w in workers]
+    start = threading.Barrier(len(workers))
+    taken = []
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        study.optimize(Objective(plan, "cosine", nested=True), n_trials=1, catch=(Exception,))
-    late = study.trials[-1]
-    assert late.state == TrialState.FAIL and trial_state(late) == "surplus" and not counts(late)
-    assert "optimizer.lr" not in late.params  # given up before sampling or training anything
+    def race(worker, study):
+        start.wait()
+        taken.append(worker.take_slot(study, budget=1))
+
+    threads = [threading.Thread(target=race, args=pair)
+               for pair in zip(workers, studies, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(t is not None for t in taken) == 1
+    trials = studies[0].trials
+    assert sum(counts(t) for t in trials) == 1  # the winner's, still running
+    assert all(trial_state(t) == "surplus" and not t.params for t in trials if not counts(t))
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "grid", "qmc", "cmaes"])
@@ -241,7 +256,8 @@ def trials_started(db) -> int:
     process creating the schema."""
     try:
         with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-            return con.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+            return con.execute("SELECT COUNT(*) FROM trials JOIN studies USING (study_id) "
+                               "WHERE study_name = 'tiny/cosine'").fetchone()[0]
     except sqlite3.OperationalError:  # the file or its tables are not there yet
         return 0
 
@@ -278,13 +294,15 @@ def test_ctrl_c_loses_only_the_running_trial(tmp_path):
                                   "conf/scheduler/step.yaml declares no search_space"),
 ])
 def test_bad_study_settings_fail_before_training_with_a_clear_message(overrides, message,
-                                                                      tmp_path, capsys):
+                                                                      tmp_path, capsys,
+                                                                      monkeypatch):
     argv = [*TINY, "tracking=none", f"study.output_dir={tmp_path}", *overrides]
     with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[")):
         run_study(argv)
+    monkeypatch.setattr(sys, "argv", ["sweep.study", *argv])  # the Hydra app, as typed
     with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert exit_.value.code == 2 and message in capsys.readouterr().err
+        main()
+    assert exit_.value.code == 2 and f"sweep: error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "optuna.db").exists()
 
 
@@ -324,13 +342,15 @@ def test_grid_values_span_the_declared_range():
 
 
 def test_a_trials_values_give_the_config_that_composing_with_them_gives():
-    base = ["model=mlp", "scheduler=step", "trainer.epochs=8"]
-    values = ["optimizer.lr=0.0123", "scheduler.gamma=0.7", "scheduler.step_size=3", "seed=4"]
+    base = ["model=mlp", "scheduler=multistep", "trainer.epochs=8"]
+    values = {"optimizer.lr": 0.0123456789012345, "scheduler.gamma": 0.7, "seed": 4,
+              "scheduler.milestones": [2, 5]}  # a list choice, as a list
     fast = with_values(compose(base, "sweep"), values)
-    composed = compose([*base, *values], "sweep")
+    composed = compose([*base, *knob_overrides(values)], "sweep")
     assert OmegaConf.to_container(fast, resolve=True) == OmegaConf.to_container(composed,
                                                                                 resolve=True)
     assert fast.dataset.seed == 4  # interpolations see the new values
+    assert fast.optimizer.lr == 0.0123456789012345  # every digit: the command trains the trial
 
 
 def test_lr_bounds_auto_sets_every_schedules_lr_range_from_a_range_test(tmp_path):

@@ -1,15 +1,25 @@
-"""The metric writer: what it stores reads back exactly as MLflow's own `log_batch` stores it."""
+"""The tracker and the store, against real MLflow: a SQLite store, and a tracking server that this
+file starts, stops in the middle of a run and starts again."""
 
-import math
-import warnings
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow.entities import Metric
+from omegaconf import OmegaConf
 
-from sweep.track import Tracker, write_metrics
+from sweep.track import KIND, KIND_TAG, Tracker, tracking_uri, use_store
 
-INF = float("inf")
+MLFLOW = Path(sys.executable).with_name("mlflow")
 
 
 @pytest.fixture
@@ -26,51 +36,6 @@ def new_run(client) -> str:
     return client.create_run(experiment.experiment_id).info.run_id
 
 
-def stored(client, run_id: str, keys) -> tuple[dict, dict]:
-    """Every point of every key (NaN made comparable), and the run's latest values."""
-    def same(v):
-        return "nan" if math.isnan(v) else v
-    history = {k: sorted((m.step, m.timestamp, same(m.value))
-                         for m in client.get_metric_history(run_id, k)) for k in keys}
-    latest = {k: same(v) for k, v in client.get_run(run_id).data.metrics.items()}
-    return history, latest
-
-
-# Two batches, as two flushes would write them: the second brings later steps for some keys,
-# an earlier step for one (its latest value must not move back), and NaN and infinite values.
-BATCHES = [
-    [("loss", 1.0, 1000, 1), ("loss", 0.5, 1001, 2), ("lr", 0.1, 1000, 1), ("acc", 0.3, 1000, 1),
-     ("weird", math.nan, 1000, 1)],
-    [("loss", 0.25, 2000, 3), ("lr", 0.05, 2000, 2), ("acc", 0.2, 2000, 0),
-     ("weird", INF, 2000, 2), ("weird", -INF, 2000, 3), ("new", 7.0, 2000, 5)],
-]
-
-
-def test_bulk_writes_read_back_exactly_as_log_batch_writes(client):
-    ours, mlflows = new_run(client), new_run(client)
-    for batch in BATCHES:
-        assert write_metrics(ours, batch) == "bulk"
-        client.log_batch(mlflows, metrics=[Metric(*p) for p in batch])
-    keys = {p[0] for batch in BATCHES for p in batch}
-    assert stored(client, ours, keys) == stored(client, mlflows, keys)
-    history, latest = stored(client, ours, keys)
-    assert latest == {"loss": 0.25, "lr": 0.05, "acc": 0.3, "weird": -1.7976931348623157e308,
-                      "new": 7.0}
-    assert [p[2] for p in history["weird"]] == ["nan", 1.7976931348623157e308,
-                                                -1.7976931348623157e308]
-
-
-def test_a_point_written_twice_falls_back_to_log_batch_which_keeps_one(client):
-    run_id = new_run(client)
-    assert write_metrics(run_id, BATCHES[0]) == "bulk"
-    repeat = [*BATCHES[0][:2], ("loss", 0.1, 3000, 3)]  # two points again, one new
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # a repeat is expected: no warning
-        assert write_metrics(run_id, repeat) == "log_batch"
-    assert [m.value for m in sorted(client.get_metric_history(run_id, "loss"),
-                                    key=lambda m: m.step)] == [1.0, 0.5, 0.1]
-
-
 def test_the_tracker_flushes_in_the_background_and_close_waits_for_the_writer(client):
     run_id = new_run(client)
     tracker = Tracker(run_id, flush_every_s=0.0)  # a flush after every epoch
@@ -83,3 +48,176 @@ def test_the_tracker_flushes_in_the_background_and_close_waits_for_the_writer(cl
     assert client.get_run(run_id).data.metrics == {"train_loss": 0.2, "lr": 0.1,
                                                    "best_val_mse": 0.2}
     assert "epoch" not in client.get_run(run_id).data.metrics  # it is the step, not a metric
+
+
+def test_points_the_store_refuses_are_reported_at_close_not_retried(client):
+    tracker = Tracker("0" * 32, wait_s=30)  # no such run: MLflow answers 404, not "unreachable"
+    tracker.log_step(1, {"loss": 1.0})
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="refused 1 metric points"):
+        tracker.close()
+    assert time.monotonic() - start < 10
+
+
+def test_tracking_uri_gives_a_bare_postgresql_url_its_driver(monkeypatch):
+    cfg = OmegaConf.create({"tracking": {"uri": "postgresql://me:secret@db:5432/runs"}})
+    assert tracking_uri(cfg) == "postgresql+psycopg2://me:secret@db:5432/runs"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://db/runs")
+    assert tracking_uri() == "postgresql+psycopg2://db/runs"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x/mlflow.db")
+    assert tracking_uri() == "sqlite:////tmp/x/mlflow.db"  # other schemes as they are
+
+
+def test_an_existing_experiment_gets_the_kind_tag_that_opens_it_on_its_runs(client):
+    old = client.create_experiment("older")
+    assert KIND_TAG not in client.get_experiment(old).tags
+    assert use_store(None, "older") == old
+    assert client.get_experiment(old).tags[KIND_TAG] == KIND
+
+
+# The three processes import everything, then wait for one signal, so their first use of the
+# store falls in the same instant (without the lock MLflow's table creation crashes in two).
+RACER = """
+import sys, time
+from pathlib import Path
+from sweep.track import use_store
+Path(sys.argv[1] + ".ready").touch()
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.005)
+print(use_store(None, "race"))
+"""
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_processes_starting_together_on_a_fresh_store_all_succeed(store, tmp_path, request,
+                                                                  monkeypatch):
+    # SQLite: a lock beside the file; PostgreSQL (a fresh database, a bare postgresql:// URL):
+    # retries, since there MLflow's table creation fails with a duplicate key.
+    uri = (f"sqlite:///{tmp_path}/mlflow.db" if store == "sqlite"
+           else request.getfixturevalue("pg_database"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    go = tmp_path / "go"
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / f"r{i}"), str(go)],
+                               cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for i in range(3)]
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("r*.ready"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        go.touch()
+        outcomes = [(*r.communicate(timeout=60), r.returncode) for r in racers]
+    finally:
+        for racer in racers:
+            racer.kill()
+    assert all(code == 0 for _, _, code in outcomes), "\n".join(err for _, err, _ in outcomes)
+    ids = {out.strip() for out, _, _ in outcomes}
+    found = mlflow.MlflowClient(tracking_uri(None)).search_experiments(
+        filter_string="name = 'race'")
+    assert [e.experiment_id for e in found] == list(ids)
+    assert found[0].tags[KIND_TAG] == KIND
+
+
+# --- a tracking server that goes away in the middle of a run -------------------------------------
+
+class Server:
+    """`mlflow server` on 127.0.0.1 with a SQLite store; can be stopped and started again."""
+
+    def __init__(self, root: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.root, self.url = root, f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner
+        with open(self.root / "server.log", "a") as log:
+            self.proc = subprocess.Popen(
+                [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)  # its own process group: uvicorn runs as a child
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        log = (self.root / "server.log").read_text()
+        raise RuntimeError(f"mlflow server did not start:\n{log}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)  # the server and its uvicorn worker
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    server = Server(tmp_path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_server_outage_loses_no_point_and_does_not_stall_training(server, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv("SWEEP_MLFLOW_WAIT_S", "120")  # a failing test ends, it does not hang
+    client = mlflow.MlflowClient(server.url)
+    run_id = client.create_run(use_store(None, "outage")).info.run_id
+    tracker = Tracker(run_id, flush_every_s=0.2)
+    down, done, errors = threading.Event(), threading.Event(), []
+
+    def outage() -> None:  # 5 s without a server, then the time it takes to start again
+        try:
+            time.sleep(1.0)
+            server.stop()
+            down.set()
+            tagging = threading.Thread(target=tracker.set_tags, args=({"during": "outage"},))
+            tagging.start()  # a synchronous call: it waits for the server, saying so
+            time.sleep(5.0)
+            server.start()
+            down.clear()
+            tagging.join(60)
+            time.sleep(1.0)
+        except Exception as err:
+            errors.append(err)
+        finally:
+            done.set()
+
+    threading.Thread(target=outage).start()
+    epochs, while_down, slowest = 0, 0, 0.0
+    while not done.is_set():
+        start = time.monotonic()
+        tracker.log_epoch(epochs, {"loss": 1 / (epochs + 1), "lr": 0.1})
+        slowest = max(slowest, time.monotonic() - start)
+        epochs += 1
+        while_down += down.is_set()
+        time.sleep(0.05)
+    tracker.close()
+    assert not errors
+    assert while_down > 20  # the loop went on while the server was away...
+    assert slowest < 2.0  # ...and no call of it waited for the server
+    for key in ("loss", "lr"):
+        history = client.get_metric_history(run_id, key)
+        assert sorted(m.step for m in history) == list(range(epochs))
+    assert client.get_run(run_id).data.tags["during"] == "outage"
+    err = capsys.readouterr().err
+    assert err.count("keeping") == 1, err  # one warning for the outage, not one per retry
+    assert "unreachable" in err and "retrying to set the run's tags" in err
+    assert "reachable again" in err and "metric points written" in err

@@ -6,28 +6,64 @@ import sys
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from sweep import CONF_DIR
-from sweep.config import ConfigError, validate, with_choices
+from sweep.config import ConfigError, fail, tracking_source, validate, with_choices
 from sweep.data import DataError
-from sweep.track import mlflow_run, tracking_uri
-from sweep.train import TrainResult, train
+from sweep.schedules import validate_scheduler
+from sweep.track import mlflow_run, tracking_uri, use_store
+from sweep.train import TrainResult, read_checkpoint, setup, train
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> TrainResult:
-    """Train with MLflow tracking: the run records the config, every curve and the final plots."""
-    validate(cfg)  # fail before an MLflow run is opened
+    """Train with MLflow tracking: the run records the config, every curve and the final plots.
+
+    Everything is checked before the MLflow run is opened (or, resuming, reopened), so a refused
+    input leaves no run behind and no finished run changed: the config's values, then the parts
+    built from them (data, model, optimizer, loss, schedule for this data), then the checkpoint.
+    The parts are built once: `train` trains with them.
+    """
+    validate(cfg)
+    parts = setup(cfg)
+    validate_scheduler(cfg.scheduler, parts.budget, parts.direction)
     run_id = None
     if cfg.trainer.resume:  # continue the interrupted run's MLflow record too
-        run_id = torch.load(cfg.trainer.resume, map_location="cpu", weights_only=False)["run_id"]
+        state = read_checkpoint(cfg, parts)
+        run_id = state["run_id"] if cfg.tracking.enabled else None
+        if run_id is not None:
+            check_run_continues(cfg, run_id, state["epoch"])
     with mlflow_run(cfg, run_id=run_id) as tracker:
-        result = train(cfg, tracker=tracker, output_dir=output_dir)
+        result = train(cfg, tracker=tracker, output_dir=output_dir, parts=parts)
         if tracker is not None:
             tracker.finish(result)
     return result
+
+
+def check_run_continues(cfg: DictConfig, run_id: str, epoch: int) -> None:
+    """The checkpoint's MLflow run must be in this store, and a finished run is continued only
+    from its last epoch (an earlier checkpoint would log epochs it has a second time)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    key, uri = tracking_source(cfg)
+    use_store(cfg)
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        run = None
+    if run is None or run.info.lifecycle_stage != "active":
+        fail("trainer.resume", cfg.trainer.resume, f"its MLflow run {run_id} is not in the store "
+             f"{key}={uri!r}; resume with the store it was logged to, or with tracking=none")
+    if run.info.status == "FINISHED":
+        logged = max((m.step for m in client.get_metric_history(run_id, "train_loss")),
+                     default=epoch)
+        if logged > epoch:
+            fail("trainer.resume", cfg.trainer.resume, f"its MLflow run {run_id} finished with "
+                 f"{logged} epochs and this checkpoint holds {epoch}: continuing would log epochs "
+                 "it has again; resume from its last checkpoint, or with tracking=none")
 
 
 def summary(result: TrainResult) -> str:

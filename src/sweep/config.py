@@ -1,9 +1,17 @@
-"""Composing configs outside the CLI, and validating them before any training starts."""
+"""Composing configs outside the CLI, and validating them before any training starts.
+
+Every command checks its config once, where it enters: `ValidateFirst`, a Hydra callback that
+conf/config.yaml registers, runs the app's checks before Hydra creates the output folder.
+"""
 
 from __future__ import annotations
 
+import copy
+import importlib
+import math
+import os
 import re
-import time
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +19,8 @@ from typing import Any
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.utils import JobRuntime
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sweep import CONF_DIR
@@ -24,17 +34,20 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
     """Compose the config as `python -m sweep <overrides>` would, without running anything."""
     # Inside a running Hydra app (a CLI that composes one config per schedule or trial) Hydra is
     # already initialised; set its state aside for the compose and put it back afterwards.
+    # Initialising sets Hydra's job name too ("app"), which a multirun reads for its later jobs.
     global_hydra = GlobalHydra.instance()
     outer = global_hydra.hydra if global_hydra.is_initialized() else None
+    job_name = JobRuntime.instance().get("name")
     global_hydra.clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = hydra_compose(config_name=config_name, overrides=list(overrides),
                                 return_hydra_config=True)
     finally:
-        if outer is not None:
-            global_hydra.clear()
-            global_hydra.initialize(outer)
+        if outer is not None:  # the singleton now is the one initialize_config_dir put back
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(outer)
+            JobRuntime.instance().set("name", job_name)
     choices = cfg.hydra.runtime.choices
     with open_dict(cfg):
         del cfg["hydra"]
@@ -50,8 +63,16 @@ def with_choices(cfg: DictConfig, choices: Mapping[str, Any]) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check every value that can be checked before data is loaded; raises ConfigError."""
-    from sweep.optim import validate_optimizer  # late: optim imports this module's helpers
+    """Check every value that can be checked before data is loaded; raises ConfigError.
+
+    Cheap (milliseconds, nothing built or loaded), so every entry point may call it again. What
+    needs the data (the schedule's lengths, the model's fit to the data, the files themselves)
+    is checked by building the parts, before an MLflow run is opened (`sweep.__main__.run`).
+    """
+    # Late: these modules import this one's helpers.
+    from sweep.data import validate_dataset
+    from sweep.models import validate_model
+    from sweep.optim import validate_optimizer
 
     t = cfg.trainer
     check_int_at_least("trainer.epochs", t.epochs, 1)
@@ -72,7 +93,101 @@ def validate(cfg: DictConfig) -> None:
     device = str(t.device)
     if device not in ("auto", "cpu", "mps") and not re.fullmatch(r"cuda(:\d+)?", device):
         fail("trainer.device", device, "choose auto, cpu, cuda, cuda:<index> or mps")
+    if t.checkpoint.path:
+        check_folder_for("trainer.checkpoint.path", t.checkpoint.path,
+                         Path(t.checkpoint.path).parent)
+    if t.resume:
+        check_file("trainer.resume", t.resume, "the checkpoint.pt of an earlier run (one with "
+                   "trainer.checkpoint.every > 0)")
     validate_optimizer(cfg.optimizer)
+    validate_model(cfg.model)
+    validate_dataset(cfg.dataset)
+    if cfg.tracking.enabled:
+        validate_store(cfg)
+
+
+def tracking_source(cfg: DictConfig) -> tuple[str, str]:
+    """Which setting names the MLflow store, and its value: `tracking.uri`, else the variable
+    MLFLOW_TRACKING_URI, else the default (a SQLite file in the working directory)."""
+    if cfg.tracking.get("uri"):
+        return "tracking.uri", str(cfg.tracking.uri)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return "MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"]
+    return "tracking.uri", f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (also SQLite's `file:` form), else None."""
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        return None
+    path = uri.removeprefix("sqlite:///").partition("?")[0]
+    if path.startswith("file:"):  # sqlite:///file:/abs/path?mode=ro&uri=true
+        path = path.removeprefix("file:").removeprefix("//")
+    return Path(path)
+
+
+def validate_store(cfg: DictConfig) -> None:
+    """A SQLite store must be a file we can write in a folder we can create or write.
+
+    Other stores (servers, databases) say so when they are opened, before any run starts.
+    """
+    key, uri = tracking_source(cfg)
+    path = sqlite_file(uri)
+    if path is None:
+        return
+    allowed = "point it at a folder you can write, or use tracking=none"
+    check_folder_for(key, uri, path.parent, allowed)
+    if os.path.isdir(path):
+        fail(key, uri, f"{path} is a folder, not a SQLite file; {allowed}")
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        fail(key, uri, f"{path} is read-only; {allowed}")
+
+
+def check_folder_for(key: str, value: Any, folder: str | Path,
+                     allowed: str = "choose a folder you can write") -> None:
+    """Fail unless `folder` is, or could be created as, a folder this process can write into.
+
+    Looks only: the nearest existing ancestor must be a writable folder. (Root passes every
+    permission check; a file in the way, or a read-only file system, still fails.)
+    """
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if os.path.exists(p))
+    if not os.path.isdir(existing):
+        made = "not a folder" if existing == folder else f"so {folder} cannot be made"
+        fail(key, value, f"{existing} is a file, {made}; {allowed}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        fail(key, value, f"{existing} is not writable; {allowed}")
+
+
+def check_file(key: str, value: Any, what: str) -> None:
+    """Fail unless `value` names a readable, non-empty file; `what` says what it should be."""
+    path = os.path.expanduser(str(value))
+    if not os.path.exists(path):
+        fail(key, str(value), f"no such file; give {what}")
+    if not os.path.isfile(path):
+        fail(key, str(value), f"is not a file; give {what}")
+    if not os.access(path, os.R_OK):
+        fail(key, str(value), f"cannot be read; give {what}")
+    if os.path.getsize(path) == 0:
+        fail(key, str(value), f"is empty; give {what}")
+
+
+def locate(path: str) -> Any:
+    """The object a dotted path names (`torch.optim.SGD`), or ImportError/AttributeError.
+
+    Like Hydra's `get_method`, without the error it logs before raising: a refused `_target_`
+    stays one line.
+    """
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            found = getattr(found, name)
+        return found
+    raise ImportError(f"no module named {parts[0]!r}")
 
 
 def fail(key: str, value: Any, allowed: str) -> None:
@@ -82,6 +197,14 @@ def fail(key: str, value: Any, allowed: str) -> None:
 def check_positive(key: str, value: Any) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
         fail(key, value, "must be a number > 0")
+
+
+def check_finite(key: str, value: Any, low: float = 0.0, *, low_open: bool = False) -> None:
+    """A finite number >= low (> low with `low_open`)."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not (value > low if low_open else value >= low) or not math.isfinite(value):
+        finite = "finite " if number and not math.isfinite(value) else ""
+        fail(key, value, f"must be a {finite}number {'>' if low_open else '>='} {low:g}")
 
 
 def check_int_at_least(key: str, value: Any, low: int) -> None:
@@ -106,53 +229,43 @@ def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
         fail(key, value, "choose one of " + ", ".join(map(str, choices)))
 
 
-# --- settings blocks (`lr_find.x=v`, `sensitivity.x=v`, `report.x=v`) ---------------------------
+# --- overrides -----------------------------------------------------------------------------------
 
 def override_key(override: str) -> str:
     """`+scheduler.gamma=0.8` -> `scheduler.gamma`: the key a Hydra override sets."""
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def split_settings(overrides: Sequence[str], key: str) -> tuple[list[str], list[str]]:
-    """Separate `<key>.x=v` items (a module's own settings) from the Hydra overrides.
+# --- validation before Hydra creates anything ------------------------------------------------
 
-    The settings are not part of the config tree, so Hydra would reject them as unknown keys.
+class ValidateFirst(Callback):
+    """Runs the app's checks on the composed config before Hydra creates the output folder.
+
+    conf/config.yaml registers it as `hydra.callbacks.validate`; each app's primary config names
+    its checks, dotted paths of functions taking the whole config (`checks:`), so this module
+    imports no app. A refused value prints `sweep: error: ...` and exits with code 2, leaving no
+    folder and no MLflow run behind. (Hydra turns a callback's exceptions into warnings, hence
+    the exit here.) A multirun checks the values its jobs share; a swept value is checked by
+    the job that gets it.
     """
-    hydra_items, own = [], []
-    for item in overrides:
-        name = override_key(item)
-        (own if name == key or name.startswith(key + ".") else hydra_items).append(item)
-    return hydra_items, own
 
+    def __init__(self, checks: Sequence[str] = ()) -> None:
+        self.checks = list(checks)
 
-def load_settings(cfg: DictConfig | None, key: str, defaults: dict[str, Any],
-                  items: Sequence[str] = ()) -> DictConfig:
-    """Defaults, then the config's `<key>:` block (an experiment file's), then command-line items.
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
 
-    Unknown keys fail loudly, naming the allowed ones.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
 
-    out = OmegaConf.create(dict(defaults))
-    block = cfg.get(key) if cfg is not None else None
-    pairs: list[tuple[str, Any]] = []
-    if block is not None:
-        pairs += list(OmegaConf.to_container(block, resolve=True).items())
-    for override in OverridesParser.create().parse_overrides(list(items)):
-        name = override.key_or_group.removeprefix(key).lstrip(".")
-        if not name:
-            fail(key, override.input_line, f"set one setting at a time: {key}.<name>=<value>")
-        pairs.append((name, override.value()))
-    for name, value in pairs:
-        if name.split(".")[0] not in defaults:
-            raise ConfigError(f"{key}.{name} is not a {key} setting; choose from "
-                              + ", ".join(defaults))
-        OmegaConf.update(out, name, value, merge=False)  # a list or dict replaces, not merges
-    return out
-
-
-def timestamped_dir(base: str, explicit: str | None) -> Path:
-    """`explicit`, else outputs/<base>/<date>/<time> like Hydra's run directories."""
-    if explicit:
-        return Path(explicit)
-    return Path("outputs") / base / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
+    def _check(self, config: DictConfig, output_key: str) -> None:
+        try:
+            check_folder_for(output_key, OmegaConf.select(config, output_key),
+                             OmegaConf.select(config, output_key))
+            cfg = copy.deepcopy(config)  # the checks may add keys; Hydra's config stays as it is
+            cfg = with_choices(cfg, cfg.hydra.runtime.choices)
+            for check in self.checks:
+                locate(check)(cfg)
+        except ConfigError as err:
+            print(f"sweep: error: {err}", file=sys.stderr)
+            sys.exit(2)

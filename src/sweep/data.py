@@ -8,7 +8,8 @@ import hashlib
 import inspect
 import math
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,12 @@ import torch
 import torch.nn.functional as F
 import torchvision.datasets
 from hydra.errors import InstantiationException
-from hydra.utils import get_method, instantiate
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torchvision.datasets.utils import extract_archive
 
-from sweep.config import ConfigError, check_in_range, check_int_at_least, fail
+from sweep.config import ConfigError, check_in_range, check_int_at_least, fail, locate
 
 
 class DataError(RuntimeError):
@@ -63,16 +65,71 @@ class Data:
 _HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 
-def instantiate_checked(cfg: Mapping, group: str, **runtime: Any) -> Any:
-    """Hydra's instantiate, but unknown keys and bad values raise ConfigError naming `group.key`."""
+def checked_target(cfg: Mapping, group: str, runtime: Iterable[str] = ()) -> Callable:
+    """The function `cfg._target_` names, once every key of `cfg` is one of its arguments and
+    every argument it needs is given (`runtime`: those the code supplies)."""
     target = cfg.get("_target_")
-    if not target:
+    if not target or not isinstance(target, str):
         fail(f"{group}._target_", target, "every option needs a _target_ (a function to call)")
-    params = inspect.signature(get_method(target)).parameters
+    try:
+        fn = locate(target)
+    except Exception as err:
+        fail(f"{group}._target_", target, f"names no function that can be imported ({err})")
+    if not callable(fn):
+        fail(f"{group}._target_", target, "names no function")
+    params = inspect.signature(fn).parameters
+    runtime = list(runtime)
     allowed = [p for p in params if p not in runtime]
     for key in cfg:
         if key not in _HYDRA_KEYS and key not in params:
             fail(f"{group}.{key}", cfg[key], f"{target} takes only {', '.join(allowed)}")
+    for name in allowed:
+        if params[name].default is inspect.Parameter.empty and name not in cfg:
+            fail(f"{group}.{name}", None, f"{target} needs it")
+    return fn
+
+
+class _ArgumentsChecked(Exception):
+    """Stops a factory at `arguments_checked()` when its arguments are only being checked."""
+
+
+_checking_only: ContextVar[bool] = ContextVar("sweep_checking_only", default=False)
+
+
+def arguments_checked() -> None:
+    """A model or dataset function calls this once its arguments are checked, before the costly
+    part (reading files, building layers); `check_arguments` stops it there."""
+    if _checking_only.get():
+        raise _ArgumentsChecked
+
+
+def check_arguments(cfg: Mapping, group: str, runtime: Iterable[str] = ()) -> None:
+    """Check a model's or dataset's config without loading or building anything.
+
+    Its keys against its function's arguments, then the function's own checks: it is called
+    with `runtime` arguments as None and stopped at its `arguments_checked()`. A function without
+    that call is run whole here; one that fails on the missing runtime values (a function of
+    your own) is left to be checked when it is built, still before any MLflow run opens.
+    """
+    fn = checked_target(cfg, group, runtime)
+    values = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    kwargs = {k: v for k, v in values.items() if k not in _HYDRA_KEYS}
+    token = _checking_only.set(True)
+    try:
+        fn(**kwargs, **dict.fromkeys(runtime))
+    except _ArgumentsChecked:
+        pass
+    except ConfigError:
+        raise
+    except Exception:  # needs what only the run has: checked when it is built
+        pass
+    finally:
+        _checking_only.reset(token)
+
+
+def instantiate_checked(cfg: Mapping, group: str, **runtime: Any) -> Any:
+    """Hydra's instantiate, but unknown keys and bad values raise ConfigError naming `group.key`."""
+    checked_target(cfg, group, runtime)
     try:
         return instantiate(cfg, **runtime, _convert_="all")
     except InstantiationException as e:
@@ -85,6 +142,11 @@ def instantiate_checked(cfg: Mapping, group: str, **runtime: Any) -> Any:
 def load_data(cfg_dataset: Mapping) -> Data:
     """Build the dataset a `conf/dataset/*.yaml` describes (`_target_: sweep.data.<function>`)."""
     return instantiate_checked(cfg_dataset, "dataset")
+
+
+def validate_dataset(cfg_dataset: Mapping) -> None:
+    """Check the dataset's config without reading or generating any data; raises ConfigError."""
+    check_arguments(cfg_dataset, "dataset")
 
 
 # --- validation and splitting --------------------------------------------------------------------
@@ -151,6 +213,7 @@ def synthetic_regression(n_samples: int = 1000, weights: Sequence[float] = (2, -
         fail("dataset.weights", weights, "a non-empty list of numbers")
     if bias and len(weights) < 2:
         fail("dataset.weights", weights, "with bias=true, at least one weight plus the bias")
+    arguments_checked()
     g = torch.Generator().manual_seed(seed)
     x, y = make_regression(n_samples, weights, degree, bias, noise, g)
     return Data(*_split(x, y, val_fraction, g), task="regression", in_shape=(x.shape[1],),
@@ -167,6 +230,7 @@ def synthetic_classification(n_samples: int = 1000, n_features: int = 2, n_class
     check_in_range("dataset.class_sep", class_sep, 0, math.inf, low_open=False)
     check_in_range("dataset.std", std, 0, math.inf)
     _check_split(val_fraction)
+    arguments_checked()
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n_samples) % n_classes  # balanced classes
     centre = y.float() * class_sep - class_sep * (n_classes - 1) / 2  # centred on the origin
@@ -180,11 +244,12 @@ def synthetic_classification(n_samples: int = 1000, n_features: int = 2, n_class
 def digits(val_fraction: float = 0.2, seed: int = 0, flatten: bool = False,
            augment: Mapping | None = None) -> Data:
     """scikit-learn's bundled 8x8 digits (1797 images, no download), normalised on train only."""
-    from sklearn.datasets import load_digits  # lazy: sklearn takes a second to import
-
     in_shape = (64,) if flatten else (1, 8, 8)
     _check_split(val_fraction)
     augment = _check_augment(augment, in_shape)
+    arguments_checked()
+    from sklearn.datasets import load_digits  # lazy: sklearn takes a second to import
+
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).reshape(-1, *in_shape) / 16  # pixels 0..16
     y = torch.tensor(bunch.target, dtype=torch.int64)
@@ -210,14 +275,15 @@ def _archives(cls: type) -> list[tuple[str, str]]:
     return [(cls.filename, cls.tgz_md5)]  # CIFAR: one tarball at the root
 
 
-def _check_md5(path: Path, expected: str) -> None:
+def _check_md5(path: Path, expected: str, where: str = "") -> None:
     digest = hashlib.md5(usedforsecurity=False)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     if digest.hexdigest() != expected:
-        raise DataError(f"{path}: md5 {digest.hexdigest()} is not torchvision's {expected} for "
-                        f"{path.name}; the archive is corrupt or truncated: replace it")
+        raise DataError(f"{where}{path}: md5 {digest.hexdigest()} is not torchvision's "
+                        f"{expected} for {path.name}; the archive is corrupt or truncated: "
+                        "replace it")
 
 
 def _extract(archive: Path, dest: Path) -> None:
@@ -232,15 +298,26 @@ def _extract(archive: Path, dest: Path) -> None:
     part.replace(out)
 
 
-def _not_found(cls: type, places: list[Path], missing: list[str]) -> str:
+def _keys(root: str | Path, archives: str | Path | None) -> str:
+    """`dataset.root='data'` (and `dataset.archives=...`): the settings named in a message."""
+    keys = f"dataset.root={str(root)!r}"
+    return keys + (f" and dataset.archives={str(archives)!r}" if archives else "")
+
+
+def _not_found(cls: type, root: str | Path, archives: str | Path | None, places: list[Path],
+               missing: list[str]) -> str:
     searched = ", ".join(str(p.resolve()) for p in places)
-    return (f"{cls.__name__} not found offline (dataset.download=false): searched {searched} "
-            f"for {', '.join(missing)} (torchvision's archives, or their extracted files). Fix: "
-            f"dataset.download=true (needs internet), or dataset.archives=<a folder holding those "
-            f"files at those paths> (or SWEEP_ARCHIVES).")
+    return (f"{_keys(root, archives)}: {cls.__name__} not found offline (dataset.download=false): "
+            f"searched {searched} for {', '.join(missing)} (torchvision's archives, or their "
+            f"extracted files). Fix: dataset.root or dataset.archives=<a folder holding those "
+            f"files at those paths> (or SWEEP_ARCHIVES), or dataset.download=true (needs "
+            f"internet).")
 
 
-def _open_torchvision(cls: type, root: Path, archives: str | Path | None, download: bool) -> Any:
+def _open_torchvision(cls: type, root: str | Path, archives: str | Path | None,
+                      download: bool) -> Any:
+    given = root
+    root = Path(root).expanduser()
     try:  # already extracted or downloaded into root
         return cls(str(root), train=True, download=False)
     except RuntimeError:
@@ -250,23 +327,31 @@ def _open_torchvision(cls: type, root: Path, archives: str | Path | None, downlo
     places = [root] + ([Path(archives).expanduser()] if archives else [])
     found, missing = [], []
     for rel, md5 in _archives(cls):
-        path = next((p / rel for p in places if (p / rel).is_file()), None)
-        if path is None:
+        place = next((p for p in places if (p / rel).is_file()), None)
+        if place is None:
             missing.append(rel)
         else:
-            found.append((path, md5, rel))
+            key = f"dataset.root={str(given)!r}" if place is root else (
+                f"dataset.archives={str(archives)!r}")
+            found.append((place / rel, md5, rel, f"{key}: "))
     if not missing:
-        for path, md5, rel in found:
-            _check_md5(path, md5)
-            _extract(path, root / Path(rel).parent)
+        for path, md5, rel, where in found:
+            _check_md5(path, md5, where)
+            try:
+                _extract(path, root / Path(rel).parent)
+            except OSError as err:  # a read-only root, a file in the way, a full disk
+                raise DataError(f"dataset.root={str(given)!r}: cannot extract {path.name} into "
+                                f"{root.resolve() / Path(rel).parent} ({err.strerror or err}); "
+                                "give dataset.root a folder you can write") from None
         return cls(str(root), train=True, download=False)
     if not download:
-        raise DataError(_not_found(cls, places, missing))
+        raise DataError(_not_found(cls, given, archives, places, missing))
     try:
         return cls(str(root), train=True, download=True)
     except Exception as e:  # no network, proxy, mirror down...
         files = ", ".join(rel for rel, _ in _archives(cls))
-        raise DataError(f"downloading {cls.__name__} into {root.resolve()} failed: {e}\nWithout "
+        raise DataError(f"dataset.root={str(given)!r}: downloading {cls.__name__} into "
+                        f"{root.resolve()} failed ({' '.join(str(e).split())}); without "
                         f"internet, set dataset.download=false and dataset.archives=<a folder "
                         f"holding {files}> (or SWEEP_ARCHIVES).") from e
 
@@ -275,7 +360,7 @@ def official_train_set(name: str, root: str | Path = "data", archives: str | Pat
                        download: bool = False) -> tuple[Tensor, Tensor]:
     """A torchvision dataset's official training set: uint8 images (N, C, H, W), int64 labels."""
     cls = getattr(torchvision.datasets, name)
-    ds = _open_torchvision(cls, Path(root).expanduser(), archives, download)
+    ds = _open_torchvision(cls, root, archives, download)
     images = torch.as_tensor(ds.data)
     # MNIST-like data is (N, H, W), CIFAR's (N, H, W, C).
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
@@ -286,6 +371,13 @@ def _torchvision_data(name: str, cls_name: str, root: str | Path, archives: str 
                       download: bool, val_fraction: float, seed: int, train_size: int | None,
                       augment: Mapping | None) -> Data:
     _check_split(val_fraction, train_size)
+    if not isinstance(root, str | Path) or not str(root):
+        fail("dataset.root", root, "a folder for the dataset's files")
+    if archives is not None and (not isinstance(archives, str | Path) or not str(archives)):
+        fail("dataset.archives", archives, "null, or a folder holding the archives")
+    if not isinstance(download, bool):
+        fail("dataset.download", download, "true or false")
+    arguments_checked()
     images, labels = official_train_set(cls_name, root, archives, download)
     augment = _check_augment(augment, tuple(images.shape[1:]))
     mean, std = (torch.tensor(s).view(-1, 1, 1) for s in CHANNEL_STATS[cls_name])

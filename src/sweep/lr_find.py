@@ -9,8 +9,7 @@ axis), marks two suggestions and prints them as an override to paste:
   a safe distance below where it turns up).
 
 After Smith, "Cyclical Learning Rates for Training Neural Networks" (2017), and fastai's lr_find.
-Settings: `lr_find.<key>=<value>` on the command line or an `lr_find:` block in an experiment file;
-see DEFAULTS.
+Settings: the `lr_find` group (conf/lr_find/default.yaml), composed by conf/lr_find.yaml.
 """
 
 from __future__ import annotations
@@ -24,32 +23,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
-import torch
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
+from sweep import CONF_DIR
 from sweep.config import (
     ConfigError,
+    check_in_range,
     check_int_at_least,
     check_positive,
-    compose,
     fail,
-    load_settings,
-    split_settings,
-    timestamped_dir,
     validate,
+    with_choices,
 )
-
-DEFAULTS: dict[str, Any] = {
-    "min_lr": 1e-6,       # the first step's lr
-    "max_lr": 10.0,       # the last step's lr, if the loss has not exploded before
-    "steps": 200,         # optimizer steps from min_lr to max_lr (batches repeat as epochs)
-    "smoothing": 0.9,     # EMA factor for the loss; ~1/(1-smoothing) steps are averaged
-    "diverge": 4.0,       # stop once the smoothed loss exceeds this x its lowest value
-    "skip_start": 5,      # first points ignored by the suggestion (the average is still forming)
-    "output_dir": None,   # null = outputs/lr_find/<date>/<time> under the working directory
-}
-
+from sweep.data import DataError, augment_batch
+from sweep.study_plan import override_text
+from sweep.train import batches, setup
 
 # --- the range test ---------------------------------------------------------------------------
 
@@ -134,50 +125,58 @@ def bounds_from(result: LRFindResult) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def lr_find(cfg: DictConfig, settings: DictConfig | None = None, tracker: Any = None
-            ) -> LRFindResult:
-    """Run the range test on the configured model, data and optimizer (its lr is replaced)."""
-    from sweep.data import augment_batch, load_data, tensor_batches
-    from sweep.models import build_model
-    from sweep.optim import build_optimizer
-    from sweep.train import loss_and_metric, pick_device, seed_everything
+def settings_of(cfg: DictConfig) -> DictConfig:
+    """The `lr_find` settings of `cfg` on top of the group's defaults.
 
-    s = settings if settings is not None else load_settings(cfg, "lr_find", DEFAULTS)
+    A config composed without the group (the study's, from conf/sweep.yaml) gets
+    conf/lr_find/default.yaml as it is; an experiment's partial `lr_find:` block still applies.
+    """
+    defaults = OmegaConf.load(CONF_DIR / "lr_find" / "default.yaml")
+    return OmegaConf.merge(defaults, cfg.lr_find if "lr_find" in cfg else {})
+
+
+def check(cfg: DictConfig) -> None:
+    """The `lr_find` settings of `cfg` (`settings_of`), checked before anything is built; raises
+    ConfigError. The app's check (conf/lr_find.yaml), run before Hydra's output folder exists."""
+    s = settings_of(cfg)
     check_positive("lr_find.min_lr", s.min_lr)
     check_positive("lr_find.max_lr", s.max_lr)
     if not s.max_lr > s.min_lr:
         fail("lr_find.max_lr", s.max_lr, f"must be above lr_find.min_lr={s.min_lr}")
     check_int_at_least("lr_find.steps", s.steps, 3)
-    if not 0 <= s.smoothing < 1:
-        fail("lr_find.smoothing", s.smoothing, "must be in [0, 1)")
+    check_in_range("lr_find.smoothing", s.smoothing, 0.0, 1.0, low_open=False, high_open=True)
     check_positive("lr_find.diverge", s.diverge)
+    if s.diverge <= 1:
+        fail("lr_find.diverge", s.diverge, "must be > 1 (a factor on the lowest smoothed loss)")
+    check_int_at_least("lr_find.skip_start", s.skip_start, 0)
+
+
+def lr_find(cfg: DictConfig, settings: DictConfig | None = None, tracker: Any = None
+            ) -> LRFindResult:
+    """Run the range test on the configured model, data and optimizer (its lr is replaced).
+
+    `settings` default to `settings_of(cfg)`; the caller has checked them and `cfg`.
+    """
+    s = settings if settings is not None else settings_of(cfg)
 
     # 1. Build the parts exactly as a training run would, then keep each group's lr ratio.
-    validate(cfg)
-    device = pick_device(cfg.trainer.device)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
-    data = load_data(cfg.dataset)
-    model = build_model(cfg.model, data).to(device)
-    optimizer = build_optimizer(cfg.optimizer, model)
+    parts = setup(cfg)
+    model, optimizer, data, gen = parts.model, parts.optimizer, parts.data, parts.gen
     scales = [g["lr"] / cfg.optimizer.lr for g in optimizer.param_groups]  # per-layer lr_scale
-    loss_fn, _, _ = loss_and_metric(cfg, data)
-    if data.nbytes <= cfg.trainer.device_data_max_mb * 2**20:
-        data = data.to(device)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    batch_size, num_workers = cfg.trainer.batch_size, cfg.trainer.num_workers
 
     # 2. lr_i = min_lr * (max_lr/min_lr)^(i/(steps-1)); stop once the smoothed loss explodes.
     result = LRFindResult()
     avg, best, step = 0.0, math.inf, 0
     model.train()
     while step < s.steps and result.status == "completed":
-        for xb, yb in tensor_batches(data.x_train, data.y_train, cfg.trainer.batch_size, True, gen):
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+        for xb, yb in batches(data, parts.device, batch_size, num_workers, gen, parts.on_device):
             if data.augment:
                 xb = augment_batch(xb, generator=gen, **data.augment)
             lr = s.min_lr * (s.max_lr / s.min_lr) ** (step / (s.steps - 1))
             for group, scale in zip(optimizer.param_groups, scales, strict=True):
                 group["lr"] = lr * scale
-            loss = loss_fn(model(xb).float(), yb)
+            loss = parts.loss_fn(model(xb).float(), yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -202,8 +201,8 @@ def lr_find(cfg: DictConfig, settings: DictConfig | None = None, tracker: Any = 
 
     # 3. Read the suggestions off the zero-lag smoothed curve.
     if len(result.lrs) < 3:
-        raise ConfigError(f"lr_find stopped after {len(result.lrs)} steps: the loss exploded at "
-                          f"lr={s.min_lr:g}; lower lr_find.min_lr")
+        fail("lr_find.min_lr", s.min_lr, f"the loss exploded within {len(result.lrs) + 1} steps "
+             "of it; choose a lower one")
     cut = max(explosion_start(result.losses, s.smoothing, s.diverge), 3)
     result.smoothed = smooth(result.losses[:cut], s.smoothing).tolist()
     result.steepest, result.lr_at_min = suggest(result.lrs[:cut], result.smoothed, s.skip_start)
@@ -213,9 +212,12 @@ def lr_find(cfg: DictConfig, settings: DictConfig | None = None, tracker: Any = 
 def suggest_lr_bounds(cfg: DictConfig) -> tuple[float, float]:
     """Run the range test for `cfg` (no tracking) and return `bounds_from` its curve.
 
-    What `study.lr_bounds=auto` uses to set the lr search range before the trials start.
+    What `study.lr_bounds=auto` uses to set the lr search range before the trials start; the
+    settings are the group's defaults unless `cfg` has an `lr_find` block.
     """
-    return bounds_from(lr_find(cfg))
+    check(cfg)
+    validate(cfg)
+    return bounds_from(lr_find(cfg, settings_of(cfg)))
 
 
 # --- outputs ----------------------------------------------------------------------------------
@@ -261,31 +263,31 @@ def curve_csv(result: LRFindResult) -> str:
     return buf.getvalue()
 
 
+def lr_override(lr: float) -> str:
+    """`optimizer.lr=0.00316`: three significant digits, about the precision a range test has."""
+    return "optimizer.lr=" + override_text(float(f"{lr:.3g}"))
+
+
 def summary(result: LRFindResult) -> str:
     """What to paste: the steepest-descent lr as an override, with the alternative."""
+    low, high = bounds_from(result)
     return (f"lr range test {result.status} after {len(result.lrs)} steps "
             f"(lr {result.lrs[0]:.3g} -> {result.lrs[-1]:.3g})\n"
-            f"suggested (steepest descent):  optimizer.lr={result.steepest:.3g}\n"
-            f"alternative (minimum / 10):    optimizer.lr={result.min_over_10:.3g}\n"
-            f"search range for a study:      {bounds_from(result)[0]:.3g} .. "
-            f"{bounds_from(result)[1]:.3g}")
+            f"suggested (steepest descent):  {lr_override(result.steepest)}\n"
+            f"alternative (minimum / 10):    {lr_override(result.min_over_10)}\n"
+            f"search range for a study:      {low:.3g} .. {high:.3g}")
 
 
-def run(overrides: Sequence[str]) -> tuple[LRFindResult, Path]:
-    """Compose, run the test inside an MLflow run, write the plot and the curve; returns both."""
+def run(cfg: DictConfig, out_dir: Path) -> LRFindResult:
+    """The range test inside an MLflow run; writes the plot, the curve and the summary to
+    `out_dir`. `cfg` (with its `lr_find` group) is checked already."""
     import matplotlib.pyplot as plt
 
     from sweep.track import mlflow_run, run_name
 
-    hydra_items, own = split_settings(overrides, "lr_find")
-    cfg = compose(hydra_items)
-    settings = load_settings(cfg, "lr_find", DEFAULTS, own)
-    out_dir = timestamped_dir("lr_find", settings.output_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     with mlflow_run(cfg, run_name_=f"lr_find-{run_name(cfg)}", tags={"kind": "lr_find"}) as tracker:
-        if tracker is not None:
-            tracker.log_params({f"lr_find.{k}": v for k, v in settings.items()})
-        result = lr_find(cfg, settings, tracker)
+        result = lr_find(cfg, cfg.lr_find, tracker)
         fig = lr_find_figure(result, f"LR range test: {run_name(cfg)}")
         fig.savefig(out_dir / "lr_find.png", dpi=120)
         plt.close(fig)
@@ -293,27 +295,33 @@ def run(overrides: Sequence[str]) -> tuple[LRFindResult, Path]:
         (out_dir / "summary.txt").write_text(summary(result) + "\n")
         if tracker is not None:
             low, high = bounds_from(result)
-            tracker.log_step(len(result.lrs), {"lr_find/steepest": result.steepest,
-                                  "lr_find/lr_at_min": result.lr_at_min,
-                                  "lr_find/min_over_10": result.min_over_10,
-                                  "lr_find/bound_low": low, "lr_find/bound_high": high})
+            tracker.log_step(len(result.lrs), {
+                "lr_find/steepest": result.steepest, "lr_find/lr_at_min": result.lr_at_min,
+                "lr_find/min_over_10": result.min_over_10, "lr_find/bound_low": low,
+                "lr_find/bound_high": high})
             tracker.set_tags({"status": result.status,
-                              "suggested_override": f"optimizer.lr={result.steepest:.3g}"})
+                              "suggested_override": lr_override(result.steepest)})
             tracker.log_artifact(out_dir / "lr_find.png", "plots")
             tracker.log_artifact(out_dir / "lr_find.csv")
-    return result, out_dir
+    return result
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from sweep.data import DataError
-
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="lr_find")
+def main(cfg: DictConfig) -> float:
+    """Run the range test; returns the suggested lr (steepest descent), for multirun sweepers."""
+    hydra_cfg = HydraConfig.get()
+    cfg = with_choices(cfg, hydra_cfg.runtime.choices)
+    out_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        result, out_dir = run(sys.argv[1:] if argv is None else argv)
+        check(cfg)  # everything checkable, before the data loads or a run opens
+        validate(cfg)
+        result = run(cfg, out_dir)
     except (ConfigError, DataError) as err:
-        print(f"sweep.lr_find: error: {err}", file=sys.stderr)
+        print(f"sweep: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(summary(result))
     print(f"plot and curve written to {out_dir}")
+    return result.steepest
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torchvision import models as tv_models
 
 from sweep.config import check_choice, check_in_range, check_int_at_least, fail
-from sweep.data import Data, instantiate_checked
+from sweep.data import Data, arguments_checked, check_arguments, instantiate_checked
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -29,6 +29,26 @@ def build_model(cfg_model: Mapping, data: Data) -> nn.Module:
                                num_outputs=data.num_outputs)
 
 
+def validate_model(cfg_model: Mapping) -> None:
+    """Check the model's hyperparameters without the data or a single layer; raises ConfigError.
+
+    Each factory checks its own arguments, then calls `arguments_checked()`, where this stops it;
+    what depends on the data (an image model on vectors) is checked when the model is built.
+    """
+    check_arguments(cfg_model, "model", ("in_shape", "num_outputs"))
+
+
+def _widths(key: str, value: object, what: str) -> None:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value or not all(
+            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in value):
+        fail(key, value, f"a non-empty list of integer {what} >= 1")
+
+
+def _flag(key: str, value: object) -> None:
+    if not isinstance(value, bool):
+        fail(key, value, "true or false")
+
+
 def mlp(in_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (4, 4, 4),
         activation: str = "tanh", bn: str | None = "none", bn_momentum: float = 0.1,
         bias: bool = True) -> nn.Sequential:
@@ -37,8 +57,9 @@ def mlp(in_shape: Sequence[int], num_outputs: int, hidden: Sequence[int] = (4, 4
     bn = "none" if bn is None else bn  # the article spells "no BN" as BN_model=None
     check_choice("model.bn", bn, BN_PLACEMENTS)
     check_in_range("model.bn_momentum", bn_momentum, 0, 1)
-    if not all(isinstance(h, int) and h >= 1 for h in hidden):
-        fail("model.hidden", hidden, "a list of integer layer widths >= 1")
+    _widths("model.hidden", hidden, "layer widths")
+    _flag("model.bias", bias)
+    arguments_checked()
     # Flatten always comes first, even for vectors, so the first Linear is `1.` on every dataset
     # and per-layer lr rules (`^1\.`) mean the same layer whatever the data.
     layers: list[nn.Module] = [nn.Flatten()]
@@ -67,11 +88,11 @@ def _image_channels(in_shape: Sequence[int], model: str) -> int:
 def cnn(in_shape: Sequence[int], num_outputs: int, channels: Sequence[int] = (32, 64),
         hidden: int = 128, dropout: float = 0.25) -> nn.Sequential:
     """Small conv net (convs, max-pool, adaptive pool to 4x4, dropout, MLP head), 8x8 to 32x32."""
-    c = _image_channels(in_shape, "cnn")
     check_int_at_least("model.hidden", hidden, 1)
     check_in_range("model.dropout", dropout, 0, 1, low_open=False, high_open=True)
-    if not channels or not all(isinstance(k, int) and k >= 1 for k in channels):
-        fail("model.channels", channels, "a non-empty list of integer conv widths >= 1")
+    _widths("model.channels", channels, "conv widths")
+    arguments_checked()
+    c = _image_channels(in_shape, "cnn")
     layers: list[nn.Module] = []
     for out in channels:
         layers += [nn.Conv2d(c, out, kernel_size=3, padding=1), nn.ReLU()]
@@ -85,6 +106,8 @@ def cnn(in_shape: Sequence[int], num_outputs: int, channels: Sequence[int] = (32
 
 def resnet18(in_shape: Sequence[int], num_outputs: int, small_input: bool = True) -> nn.Module:
     """torchvision's ResNet-18 from scratch; `small_input` swaps in the usual CIFAR stem."""
+    _flag("model.small_input", small_input)
+    arguments_checked()
     c = _image_channels(in_shape, "resnet18")
     model = tv_models.resnet18(weights=None, num_classes=num_outputs)
     if small_input:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -9,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sweep.config import ConfigError, check_positive, fail
+from sweep.config import ConfigError, check_finite, check_in_range, fail, locate
 
 OPTIMIZERS = {
     "torch.optim.SGD": "sgd",
@@ -20,14 +21,63 @@ OPTIMIZERS = {
 }
 
 
+# What torch.optim's hyperparameters may be. The names mean the same in every optimizer that has
+# them (PyTorch's convention); torch itself checks few of them, and some only at the first step
+# (Adam's betas[1] is read there: `betas=[0.9]` was an IndexError mid-training).
+NUMBER_RULES = {
+    "eps": (0.0, True),  # (low, open): a number > 0; 0 can divide by zero
+    "weight_decay": (0.0, False),
+    "momentum": (0.0, False),
+    "lr_decay": (0.0, False),
+    "initial_accumulator_value": (0.0, False),
+    "momentum_decay": (0.0, False),
+}
+UNIT_RULES = ("dampening", "alpha", "rho")  # numbers in [0, 1]
+FLAGS = ("nesterov", "amsgrad", "centered", "maximize", "capturable", "differentiable",
+         "decoupled_weight_decay")
+OPTIONAL_FLAGS = ("foreach", "fused")  # null = PyTorch picks
+
+
 def validate_optimizer(cfg: DictConfig) -> None:
     """Check the optimizer's values that can be checked without a model."""
-    check_positive("optimizer.lr", cfg.lr)
-    for key in ("weight_decay", "momentum"):
-        if key in cfg and not (isinstance(cfg[key], int | float) and cfg[key] >= 0):
-            fail(f"optimizer.{key}", cfg[key], "must be a number >= 0")
-    if cfg.get("nesterov") and not cfg.get("momentum", 0) > 0:
-        fail("optimizer.nesterov", True, "needs optimizer.momentum > 0")
+    target = cfg.get("_target_")
+    try:
+        cls = locate(str(target))
+    except Exception:
+        cls = None
+    if not (inspect.isclass(cls) and issubclass(cls, torch.optim.Optimizer)):
+        fail("optimizer._target_", target, "a torch.optim optimizer class, e.g. torch.optim.SGD")
+    takes = [p for p in inspect.signature(cls).parameters if p != "params"]
+    for key in cfg:
+        if key not in (*takes, "_target_", "param_groups"):
+            fail(f"optimizer.{key}", cfg[key], f"{target} takes only {', '.join(takes)} "
+                 "(and param_groups)")
+    # A float32 weight cannot take a step larger than float32's range: PyTorch refuses to turn
+    # such an lr into a float ("value cannot be converted to type float without overflow"). Any
+    # finite lr is accepted here: one that large diverges like any other too-large lr, and the
+    # trainer stops the run as `diverged` when PyTorch refuses the step (train.py).
+    check_finite("optimizer.lr", cfg.lr, low_open=True)
+    for key, (low, low_open) in NUMBER_RULES.items():
+        if key in cfg:
+            check_finite(f"optimizer.{key}", cfg[key], low, low_open=low_open)
+    for key in UNIT_RULES:
+        if key in cfg:
+            check_in_range(f"optimizer.{key}", cfg[key], 0.0, 1.0, low_open=False)
+    if "betas" in cfg:
+        betas = cfg.betas
+        if not (OmegaConf.is_list(betas) or isinstance(betas, list | tuple)) or len(betas) != 2 or (
+                not all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1
+                        for b in betas)):
+            shown = OmegaConf.to_container(betas) if OmegaConf.is_list(betas) else betas
+            fail("optimizer.betas", shown, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+    for key in FLAGS:
+        if key in cfg and not isinstance(cfg[key], bool):
+            fail(f"optimizer.{key}", cfg[key], "true or false")
+    for key in OPTIONAL_FLAGS:
+        if key in cfg and cfg[key] is not None and not isinstance(cfg[key], bool):
+            fail(f"optimizer.{key}", cfg[key], "null, true or false")
+    if cfg.get("nesterov") and not (cfg.get("momentum", 0) > 0 and cfg.get("dampening", 0) == 0):
+        fail("optimizer.nesterov", True, "needs optimizer.momentum > 0 and no dampening")
     for i, rule in enumerate(cfg.get("param_groups") or []):
         key = f"optimizer.param_groups[{i}]"
         if ("pattern" not in rule or ("lr_scale" in rule) == ("lr" in rule)
@@ -38,8 +88,8 @@ def validate_optimizer(cfg: DictConfig) -> None:
             re.compile(rule.pattern)
         except re.error as err:
             fail(f"{key}.pattern", rule.pattern, f"must be a regular expression ({err})")
-        check_positive(f"{key}.{'lr' if 'lr' in rule else 'lr_scale'}",
-                       rule.get("lr", rule.get("lr_scale")))
+        check_finite(f"{key}.{'lr' if 'lr' in rule else 'lr_scale'}",
+                     rule.get("lr", rule.get("lr_scale")), low_open=True)
 
 
 def param_groups(model: torch.nn.Module, rules: list[Any], lr: float) -> list[dict[str, Any]]:

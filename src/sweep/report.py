@@ -5,18 +5,22 @@ from __future__ import annotations
 import io
 import math
 import re
+import sys
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
+from hydra.core.hydra_config import HydraConfig
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from omegaconf import DictConfig
 
-from sweep.config import ConfigError
+from sweep import CONF_DIR
+from sweep.config import ConfigError, check_choice, check_in_range, fail
 
 # --- learning-rate schedules ---------------------------------------------------------------------
 
@@ -99,17 +103,9 @@ def loss_figure(history: list[dict[str, Any]], metric_name: str,
 # Reads a study's runs back from MLflow (any study: the parent run and its children are all it
 # needs), and writes report.md with PNGs, or one self-contained report.html.
 
-REPORT_DEFAULTS: dict[str, Any] = {
-    "study": None,       # the study's name (parent run `study-<name>`) or its parent run id;
-                         # null = study.name of the composed config (`study=tiny` works too)
-    "experiment": None,  # MLflow experiment; null = tracking.experiment
-    "format": "md",      # md (report.md + PNGs) | html (one page, images inline)
-    "output_dir": None,  # null = outputs/report/<study name>
-    "target": None,      # metric level for "epochs and time to target"; null = the worst
-                         # schedule's mean final value, a level every schedule reaches on average
-    "alpha": 0.05,       # a difference is "larger than the noise" when its paired test's p < alpha
-    "log": True,         # also attach the report to the study's parent run
-}
+# Settings: the `report` group (conf/report/default.yaml), composed by conf/report.yaml on top of
+# the study's config (conf/sweep.yaml), so `study=tiny` names a study too.
+FORMATS = ("md", "html")
 
 
 @dataclass
@@ -435,34 +431,38 @@ class Report:
     parent_run_id: str
 
 
-def write_report(overrides: Sequence[str], output_dir: str | Path | None = None) -> Report:
-    """Read a study from MLflow and write its comparison report; see REPORT_DEFAULTS."""
+def check(cfg: DictConfig) -> None:
+    """The `report` settings, checked before MLflow is read or anything is written."""
+    s = cfg.report
+    if not isinstance(s.study, str | int) or isinstance(s.study, bool) or not str(s.study):
+        fail("report.study", s.study, "a study's name or its parent run id")
+    check_choice("report.format", s.format, FORMATS)
+    check_in_range("report.alpha", s.alpha, 0.0, 1.0, high_open=True)
+    if s.target is not None and (not isinstance(s.target, int | float)
+                                 or isinstance(s.target, bool) or not math.isfinite(s.target)):
+        fail("report.target", s.target, "null (the worst schedule's mean) or a number")
+    if not isinstance(s.log, bool):
+        fail("report.log", s.log, "true or false")
+
+
+def write_report(cfg: DictConfig, out_dir: Path) -> Report:
+    """Read a study from MLflow and write its comparison report into `out_dir`; `cfg` is
+    composed by conf/report.yaml and checked."""
     import base64
 
     import mlflow
 
-    from sweep import CONF_DIR
-    from sweep.config import compose, load_settings, split_settings
     from sweep.track import use_store
 
-    hydra_items, own = split_settings(overrides, "report")
-    has_study = (CONF_DIR / "sweep.yaml").exists()
-    cfg = compose(hydra_items, "sweep" if has_study else "config")
-    s = load_settings(cfg, "report", REPORT_DEFAULTS, own)
-    if s.format not in ("md", "html"):
-        raise ConfigError(f"report.format={s.format!r} is not allowed: choose md or html")
-    study = s.study or (cfg.study.name if "study" in cfg else None)
-    if not study:
-        raise ConfigError("report.study is not set: give a study name or a parent run id")
+    s = cfg.report
     client = mlflow.MlflowClient()
     experiment_id = use_store(cfg, s.experiment)
-    parent = find_study(client, experiment_id, str(study))
+    parent = find_study(client, experiment_id, str(s.study))
     name = parent.data.tags.get("study") or parent.info.run_name
     runs, metric = load_study_runs(client, parent)
     maximize = metric == "val_acc"
     ranked, target = rank(group_by_schedule(runs, maximize), maximize, s.target, s.alpha)
     sentence = ranking_sentence(ranked, metric, s.alpha)
-    out_dir = Path(output_dir or s.output_dir or Path("outputs") / "report" / name).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     figures = {"curves.png": curves_figure(ranked, metric), "lr.png": report_lr_figure(ranked)}
@@ -513,16 +513,14 @@ def write_report(overrides: Sequence[str], output_dir: str | Path | None = None)
     return Report(path, files, ranked, metric, target, sentence, parent.info.run_id)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m sweep.report [study=<group option>] [report.study=<name or run id>] ...`"""
-    import sys
-
-    from hydra.errors import HydraException
-
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="report")
+def main(cfg: DictConfig) -> None:
+    """`python -m sweep.report [report.study=<name or run id>] [study=<option>] ...`"""
     try:
-        report = write_report(sys.argv[1:] if argv is None else argv)
-    except (ConfigError, HydraException) as err:
-        print(f"sweep.report: error: {err}", file=sys.stderr)
+        check(cfg)
+        report = write_report(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(report.sentence)
     print(f"report written to {report.path}")

@@ -4,8 +4,8 @@
 tanh MLPs with and without BatchNorm trained with SGD at four learning rates, repeated over seeds.
 Any config key (or config group) can be the factor, e.g. `sensitivity.factor=optimizer.momentum
 sensitivity.values=[0,0.9]`, crossed with named model variants, `sensitivity.lrs` and
-`sensitivity.seeds`. Settings: an experiment's `sensitivity:` block, then
-`sensitivity.<key>=<value>` on the command line; see DEFAULTS.
+`sensitivity.seeds`. Settings: the `sensitivity` group (conf/sensitivity/default.yaml), composed by
+conf/sensitivity.yaml; an experiment's `sensitivity:` block overrides it.
 
 Every grid point is one nested MLflow run under a parent run; the figures, the tables and the
 conclusion are computed from the runs read back from the store and logged to the parent run.
@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from collections import defaultdict
@@ -28,33 +29,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hydra
 import numpy as np
-from omegaconf import DictConfig, open_dict
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
 
+from sweep import CONF_DIR
 from sweep.config import (
     ConfigError,
+    check_choice,
+    check_int_at_least,
     check_positive,
     compose,
     fail,
-    load_settings,
-    split_settings,
-    timestamped_dir,
+    validate,
+    with_choices,
 )
+from sweep.data import DataError
+from sweep.study_plan import override_text, with_values
 
-DEFAULTS: dict[str, Any] = {
-    "name": "sensitivity",     # the parent MLflow run's name and the output folder
-    "factor": "model.bn",      # a config key (model.bn) or group (model) whose values are compared
-    "values": ["none", "pre"],  # the first is the baseline the others are compared with
-    "models": {},              # variant name -> overrides, e.g. {mlp3: ["model.hidden=[4,4,4]"]}
-    "lr_key": "optimizer.lr",  # the key the learning rates are written to
-    "lrs": [0.1, 0.03, 0.01, 0.005],
-    "seeds": [929],
-    "metric": "train_loss",    # the per-epoch value compared (train_loss, val_loss, val_mse, ...)
-    "margin": 2.0,             # an lr is "good" when its final loss is within margin x the best
-    "threads": None,           # torch threads while training (null = torch's default)
-    "from_run": None,          # a parent run id: skip training, analyse that study's runs again
-    "output_dir": None,        # null = outputs/<name>/<date>/<time>
-}
+METRICS = ("train_loss", "val_loss", "val_mse")  # per-epoch losses: lower is better
 
 
 @dataclass
@@ -207,52 +202,98 @@ def fmt(x: float) -> str:
     return "inf" if math.isinf(x) else "n/a" if math.isnan(x) else f"{x:.2f}"
 
 
-# --- running the grid ---------------------------------------------------------------------------
+# --- checking and running the grid ---------------------------------------------------------------
 
-def override_value(value: Any) -> str:
-    """A factor value as Hydra override text: `true`, `null`, `[4,4]`, `pre`."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value is None:
-        return "null"
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(map(override_value, value)) + "]"
-    return str(value)
+def variants(s: DictConfig) -> dict[str, list[str]]:
+    """Variant name -> its overrides; without `sensitivity.models`, the composed model as is."""
+    return {name: list(overrides) for name, overrides in (s.models or {}).items()} or {"model": []}
 
 
-def grid(settings: DictConfig) -> list[tuple[str, list[str], str, float, int]]:
-    """(variant, its overrides, factor value, lr, seed) for every run, in the order they run."""
-    models = dict(settings.models or {}) or {"model": []}
-    return [(variant, list(overrides), override_value(value), float(lr), int(seed))
-            for variant, overrides in models.items() for value in settings["values"]
-            for lr in settings.lrs for seed in settings.seeds]
+def labels(s: DictConfig) -> list[str]:
+    """The factor's values as override text (`pre`, `0.9`, `[4,4]`): labels, tags and overrides."""
+    return [override_text(v) for v in OmegaConf.to_container(s["values"], resolve=True)]
 
 
-def in_grid_order(points: list[Point], settings: DictConfig) -> list[Point]:
+def check(cfg: DictConfig) -> None:
+    """The `sensitivity` settings, checked before anything is composed, trained or logged."""
+    s = cfg.sensitivity
+    if not isinstance(s.name, str) or not s.name.strip():
+        fail("sensitivity.name", s.name, "a non-empty name (the parent run's and the folder's)")
+    groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
+    missing = object()
+    if not isinstance(s.factor, str) or (
+            s.factor not in groups and OmegaConf.select(cfg, s.factor, default=missing) is missing):
+        fail("sensitivity.factor", s.factor, "a key of the config (model.bn, optimizer.momentum) "
+             "or a group (" + ", ".join(groups) + ")")
+    if s.factor in (s.lr_key, "seed"):
+        fail("sensitivity.factor", s.factor, "not the lr or the seed: every point sets those")
+    if not OmegaConf.is_list(s["values"]) or len(s["values"]) < 2:
+        fail("sensitivity.values", s["values"], "a list of at least two values: a baseline and "
+             "another")
+    if any(v is None or OmegaConf.is_dict(v) for v in s["values"]):
+        fail("sensitivity.values", s["values"], "numbers, strings, booleans or lists (each "
+             "becomes override text, <factor>=<value>)")
+    if len(set(labels(s))) < len(s["values"]):
+        fail("sensitivity.values", s["values"], "values that differ")
+    models = s.models
+    if models is not None and not (OmegaConf.is_dict(models) and models and all(
+            OmegaConf.is_list(o) and all(isinstance(x, str) for x in o) for o in models.values())):
+        fail("sensitivity.models", models, "null, or variant name -> a list of overrides, e.g. "
+             "{mlp3: ['model.hidden=[4,4,4]']}")
+    lr = OmegaConf.select(cfg, s.lr_key, default=None) if isinstance(s.lr_key, str) else None
+    if not isinstance(lr, int | float) or isinstance(lr, bool):
+        fail("sensitivity.lr_key", s.lr_key, "a key of the config holding a number, e.g. "
+             "optimizer.lr")
+    if not OmegaConf.is_list(s.lrs) or not s.lrs or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) and x > 0 for x in s.lrs):
+        fail("sensitivity.lrs", s.lrs, "a non-empty list of learning rates > 0")
+    if not OmegaConf.is_list(s.seeds) or not s.seeds or not all(
+            isinstance(x, int) and not isinstance(x, bool) for x in s.seeds):
+        fail("sensitivity.seeds", s.seeds, "a non-empty list of integers")
+    check_choice("sensitivity.metric", s.metric, METRICS)
+    check_positive("sensitivity.margin", s.margin)
+    if s.margin < 1:
+        fail("sensitivity.margin", s.margin, "must be >= 1 (a factor on the best loss)")
+    if s.threads is not None:
+        check_int_at_least("sensitivity.threads", s.threads, 1)
+    if s.from_run is not None and not cfg.tracking.enabled:
+        fail("sensitivity.from_run", s.from_run, "needs tracking enabled to read the runs (drop "
+             "tracking=none)")
+
+
+def first_line(err: Exception) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), repr(err))
+
+
+def point_configs(argv: Sequence[str], s: DictConfig) -> dict[tuple[str, str], DictConfig]:
+    """(variant, factor value) -> its config, each composed and validated before anything trains;
+    the grid sets the lr and the seed on these as values."""
+    configs = {}
+    for variant, extra in variants(s).items():
+        if extra:  # the variant's own overrides, on their own, so an error names the variant
+            try:
+                compose([*argv, *extra], "sensitivity")
+            except HydraException as err:
+                fail(f"sensitivity.models.{variant}", extra, first_line(err))
+        for label in labels(s):
+            try:
+                cfg = compose([*argv, *extra, f"{s.factor}={label}"], "sensitivity")
+            except HydraException as err:
+                fail("sensitivity.values", label, first_line(err))
+            validate(cfg)
+            configs[variant, label] = cfg
+    return configs
+
+
+def in_grid_order(points: list[Point], s: DictConfig) -> list[Point]:
     """Variants and values in the settings' order (the baseline value first), then lr and seed."""
-    variants = list(settings.models or {}) or ["model"]
-    values = [override_value(v) for v in settings["values"]]
+    names, values = list(variants(s)), labels(s)
 
     def position(p: Point) -> tuple:
-        return (variants.index(p.variant) if p.variant in variants else len(variants), p.variant,
+        return (names.index(p.variant) if p.variant in names else len(names), p.variant,
                 values.index(p.value) if p.value in values else len(values), p.value, p.lr,
                 p.seed)
     return sorted(points, key=position)
-
-
-def check(settings: DictConfig) -> None:
-    if not settings["values"] or len(settings["values"]) < 2:
-        fail("sensitivity.values", settings["values"],
-             "at least two values: a baseline and another")
-    if not settings.lrs:
-        fail("sensitivity.lrs", settings.lrs, "at least one learning rate")
-    for lr in settings.lrs:
-        check_positive("sensitivity.lrs[]", lr)
-    if not settings.seeds or not all(isinstance(s, int) for s in settings.seeds):
-        fail("sensitivity.seeds", settings.seeds, "a non-empty list of integers")
-    check_positive("sensitivity.margin", settings.margin)
-    if settings.margin < 1:
-        fail("sensitivity.margin", settings.margin, "must be >= 1 (a factor on the best loss)")
 
 
 @contextmanager
@@ -270,27 +311,21 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def with_settings(cfg: DictConfig, settings: DictConfig) -> DictConfig:
-    """The config with the study's effective settings, so each run's logged params show them."""
-    with open_dict(cfg):
-        cfg.sensitivity = settings
-    return cfg
-
-
-def run_grid(overrides: Sequence[str], settings: DictConfig, out_dir: Path) -> list[Point]:
+def run_grid(configs: dict[tuple[str, str], DictConfig], s: DictConfig, out_dir: Path
+             ) -> list[Point]:
     """Train every grid point as a nested MLflow run (under the active parent run, if any)."""
     from sweep.track import mlflow_run
     from sweep.train import train
 
+    runs = [(variant, value, float(lr), int(seed)) for variant, value in configs
+            for lr in s.lrs for seed in s.seeds]
+    short = s.factor.split(".")[-1]
     points = []
-    runs = grid(settings)
-    short = settings.factor.split(".")[-1]
-    for i, (variant, extra, value, lr, seed) in enumerate(runs, 1):
-        cfg = with_settings(compose([*overrides, *extra, f"{settings.factor}={value}",
-                                     f"{settings.lr_key}={lr}", f"seed={seed}"]), settings)
+    for i, (variant, value, lr, seed) in enumerate(runs, 1):
+        cfg = with_values(configs[variant, value], {s.lr_key: lr, "seed": seed})
         name = f"{variant}-{short}={value}-lr={lr:g}-seed={seed}"
-        tags = {"phase": "sensitivity", "variant": variant, "factor": settings.factor,
-                "value": value, "lr": f"{lr:g}", "seed": str(seed)}
+        tags = {"phase": "sensitivity", "variant": variant, "factor": s.factor, "value": value,
+                "lr": override_text(lr), "seed": str(seed)}
         with mlflow_run(cfg, run_name_=name, nested=True, tags=tags) as tracker:
             result = train(cfg, tracker=tracker, output_dir=out_dir)
             if tracker is not None:
@@ -298,9 +333,12 @@ def run_grid(overrides: Sequence[str], settings: DictConfig, out_dir: Path) -> l
                     tracker.finish(result)
                 else:
                     tracker.set_tags({"status": result.status})
-        curve = [h[settings.metric] for h in result.history]
+        if result.history and s.metric not in result.history[0]:
+            fail("sensitivity.metric", s.metric, f"these runs log {result.metric_name}, not "
+                 f"{s.metric}; choose train_loss or val_loss")
+        curve = [h[s.metric] for h in result.history]
         points.append(Point(variant, value, lr, seed, result.status, curve, result.run_id))
-        print(f"[{i}/{len(runs)}] {name}: {result.status}, final {settings.metric} "
+        print(f"[{i}/{len(runs)}] {name}: {result.status}, final {s.metric} "
               f"{points[-1].final:.4g}", flush=True)
     return points
 
@@ -486,35 +524,38 @@ def environment() -> str:
             f"Python {platform.python_version()}, {platform.platform()}")
 
 
-def run_study(overrides: Sequence[str], output_dir: str | Path | None = None) -> StudyResult:
-    """Compose, train the grid under one parent MLflow run, analyse the stored runs, write and
-    log the figures, tables and conclusion."""
+def run_study(argv: Sequence[str], out_dir: Path, cfg: DictConfig | None = None
+              ) -> StudyResult:
+    """Check, train the grid under one parent MLflow run, analyse the stored runs, and write and
+    log the figures, tables and conclusion. `argv`: the command's overrides (each grid point is
+    composed from them); `cfg`: what they compose with conf/sensitivity.yaml, if known."""
     import matplotlib.pyplot as plt
 
     from sweep.track import mlflow_run
 
-    hydra_items, own = split_settings(overrides, "sensitivity")
-    cfg = compose(hydra_items)
-    s = load_settings(cfg, "sensitivity", DEFAULTS, own)
-    check(s)
-    out_dir = (Path(output_dir) if output_dir else timestamped_dir(s.name, s.output_dir)).resolve()
+    cfg = cfg if cfg is not None else compose(argv, "sensitivity")
+    s = cfg.sensitivity
+    check(cfg)
+    if s.from_run:  # read first: a bad id must not reopen (and fail) anything
+        points = stored_points(cfg)
+    else:
+        configs = point_configs(argv, s)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tags = {"kind": "sensitivity", "factor": s.factor}
-    with torch_threads(s.threads), mlflow_run(with_settings(cfg, s), run_name_=s.name, tags=tags,
+    with torch_threads(s.threads), mlflow_run(cfg, run_name_=s.name, tags=tags,
                                               run_id=s.from_run) as parent:
-        points = run_grid(hydra_items, s, out_dir) if not s.from_run else []
-        if parent is not None:  # analyse what the store holds, not what this process remembers
-            points = in_grid_order(points_from_store(parent.run_id, s.metric), s)
-        elif s.from_run:
-            fail("sensitivity.from_run", s.from_run, "needs tracking enabled to read the runs")
+        if not s.from_run:
+            points = run_grid(configs, s, out_dir)
+            if parent is not None:  # analyse what the store holds, not what this process has
+                points = points_from_store(parent.run_id, s.metric)
+        points = in_grid_order(points, s)
         seconds = time.perf_counter() - started
         summaries = summarize(points, s.margin)
-        text = conclusion(summaries, s.factor, [override_value(v) for v in s["values"]],
-                          s.metric)
+        text = conclusion(summaries, s.factor, labels(s), s.metric)
         figures = {"lr_panels.png": panels_figure(points, s.factor, s.metric),
                    "lr_curve.png": lr_curve_figure(summaries, points, s.factor, s.metric)}
-        report = markdown(s, summaries, text, list(figures), overrides, seconds, len(points))
+        report = markdown(s, summaries, text, list(figures), argv, seconds, len(points))
         for name, fig in figures.items():
             fig.savefig(out_dir / name, dpi=120)
             plt.close(fig)
@@ -534,11 +575,25 @@ def run_study(overrides: Sequence[str], output_dir: str | Path | None = None) ->
                        parent.run_id if parent is not None else None, seconds)
 
 
+def stored_points(cfg: DictConfig) -> list[Point]:
+    """`sensitivity.from_run`: the grid runs under that parent run, or a ConfigError."""
+    from mlflow.exceptions import MlflowException
+
+    from sweep.track import tracking_uri, use_store
+
+    use_store(cfg)
+    try:
+        return points_from_store(cfg.sensitivity.from_run, cfg.sensitivity.metric)
+    except MlflowException:
+        fail("sensitivity.from_run", cfg.sensitivity.from_run,
+             f"no such run in {tracking_uri(cfg)}")
+
+
 def markdown(s: DictConfig, summaries: Sequence[Summary], text: str, figures: Sequence[str],
-             overrides: Sequence[str], seconds: float, n_runs: int) -> str:
-    command = " ".join(["python -m sweep.sensitivity", *overrides])
+             argv: Sequence[str], seconds: float, n_runs: int) -> str:
+    command = " ".join(["python -m sweep.sensitivity", *map(shlex.quote, argv)])
     return "\n".join([
-        f"# Learning-rate sensitivity: {s.factor} in {list(s['values'])}", "",
+        f"# Learning-rate sensitivity: {s.factor} in {labels(s)}", "",
         f"`{command}`", "",
         "## Conclusion", "", text, "",
         "## Figures", "", *(f"![{f}]({f})" for f in figures), "",
@@ -555,13 +610,16 @@ def markdown(s: DictConfig, summaries: Sequence[Summary], text: str, figures: Se
         environment(), ""])
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from sweep.data import DataError
-
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sensitivity")
+def main(cfg: DictConfig) -> None:
+    """Run the study the command line composes, into Hydra's output folder."""
+    hydra_cfg = HydraConfig.get()
+    cfg = with_choices(cfg, hydra_cfg.runtime.choices)
     try:
-        result = run_study(sys.argv[1:] if argv is None else argv)
+        result = run_study(list(hydra_cfg.overrides.task), Path(hydra_cfg.runtime.output_dir),
+                           cfg)
     except (ConfigError, DataError) as err:
-        print(f"sweep.sensitivity: error: {err}", file=sys.stderr)
+        print(f"sweep: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(result.conclusion)
     print(f"{len(result.points)} runs, {result.seconds:.0f} s; figures, tables and "

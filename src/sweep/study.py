@@ -2,33 +2,27 @@
 
 Each schedule gets its own Optuna study, `<study.name>/<schedule>`, in one storage, and the same
 trial budget. Pruning therefore only compares trials of one schedule: a schedule that decays late
-looks worse early and must not be stopped for it. Every trial is a nested MLflow run under one
-parent run per study. Running the same command again resumes: finished trials stay, and only the
-rest of the budget runs. After the search, `sweep.study_report` retrains the best configuration of
-each schedule with several seeds and writes the comparison.
+looks worse early and must not be stopped for it. The storage is the single source of truth: the
+same command started again, in another terminal or on other machines pointing at the same
+`study.storage`, joins the study instead of starting another, and together the processes run
+exactly the budget (`sweep.study_worker`). Every trial and confirmation run is a child of one
+MLflow run per study; the summary (`sweep.study_report`) is computed from the storage once every
+trial is finished.
 """
 
 from __future__ import annotations
 
-import copy
+import hashlib
 import math
-import multiprocessing as mp
-import os
 import re
-import shlex
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
 
+import hydra
 import optuna
-from hydra.errors import HydraException
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
-from optuna.trial import FrozenTrial, TrialState
 
 from sweep import CONF_DIR
 from sweep.config import (
@@ -37,49 +31,21 @@ from sweep.config import (
     check_int_at_least,
     compose,
     fail,
-    override_key,
     validate,
+    with_choices,
 )
-from sweep.study_optuna import (
-    default_storage,
-    diverged_value,
-    grid_values,
-    hydra_value,
-    make_pruner,
-    make_sampler,
-    open_storage,
-    suggest,
-    used_budget,
-)
-from sweep.track import mlflow_run, tracking_uri
+from sweep.dburl import MissingDriver
+from sweep.launch import launch, threads_per_worker
+from sweep.study_optuna import grid_values, used_budget
+from sweep.study_plan import Plan, schedule_overrides, without_scheduler
+from sweep.study_report import Summary, summarize
+from sweep.study_storage import create_study, default_storage, is_journal, once
+from sweep.study_worker import Worker
+from sweep.track import flatten, run_tags, tracking_uri, use_store
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
 PRUNERS = ("median", "halving", "hyperband", "none")
-
-
-@dataclass
-class Plan:
-    """What every worker needs to run trials, derived once from the command line (picklable)."""
-
-    argv: list[str]                        # the command's Hydra overrides, as typed
-    settings: dict[str, Any]               # cfg.study, resolved
-    spaces: dict[str, dict[str, dict]]     # schedule -> {dotted config key: search spec}
-    budget: dict[str, int]                 # schedule -> trials
-    epochs: int
-    metric: str                            # val_acc | val_mse
-    direction: str                         # maximize | minimize
-    storage: str                           # an RDB URL or a journal file path
-    out_dir: Path
-    parent_run_id: str | None = None       # the study's MLflow run
-    workers: int = 1
-    threads: int = 1                       # torch threads per worker: the cores, shared
-
-    @property
-    def schedules(self) -> list[str]:
-        return list(self.spaces)
-
-    def study_name(self, schedule: str) -> str:
-        return f"{self.settings['name']}/{schedule}"
+LAUNCHERS = ("local", "ray")
 
 
 # --- settings, overrides and search spaces ------------------------------------------------------
@@ -105,43 +71,22 @@ def validate_study(cfg: DictConfig) -> None:
     if not re.fullmatch(r"[\w.\-]+", str(s.name)):
         fail("study.name", s.name, "letters, digits, '.', '-' and '_' only (it names files)")
     check_choice("study.lr_bounds", s.lr_bounds, ("declared", "auto"))
+    check_choice("study.launcher", s.launcher, LAUNCHERS)
+    for key in ("cpus_per_trial", "gpus_per_trial"):
+        value = s[key]
+        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0 or (
+                key == "cpus_per_trial" and value == 0):
+            fail(f"study.{key}", value, "must be a number >= 0 (cpus_per_trial > 0); fractions "
+                 "let several trials share a device")
+    check_int_at_least("study.heartbeat_interval", s.heartbeat_interval, 1)
+    if not isinstance(s.grace_period, int) or s.grace_period < 2 * s.heartbeat_interval:
+        fail("study.grace_period", s.grace_period, "must be an integer >= 2 x "
+             f"study.heartbeat_interval ({2 * s.heartbeat_interval}): a live worker that misses "
+             "one beat must not be taken for dead")
+    if s.launcher == "ray" and find_spec("ray") is None:
+        fail("study.launcher", "ray", "needs Ray: pip install -e '.[distributed]'")
     if s.sampler == "cmaes" and find_spec("cmaes") is None:
         fail("study.sampler", "cmaes", "needs the cmaes package: pip install cmaes")
-
-
-def without_scheduler(argv: list[str]) -> list[str]:
-    """The overrides minus a `scheduler=` choice: each trial picks its own schedule."""
-    return [a for a in argv if override_key(a) != "scheduler"]
-
-
-def training_overrides(argv: list[str]) -> list[str]:
-    """The overrides `python -m sweep` understands: no study settings, no scheduler choice."""
-    return [a for a in without_scheduler(argv) if override_key(a).split(".")[0] != "study"]
-
-
-def schedule_overrides(schedule: str, epochs: int, knobs: list[str] = ()) -> list[str]:
-    """What one trial sets on top of the command's overrides: its schedule, budget and knobs."""
-    return [f"scheduler={schedule}", f"trainer.epochs={epochs}", *knobs]
-
-
-def rerun_command(plan: Plan, schedule: str, knobs: list[str]) -> str:
-    """The `python -m sweep ...` line that trains one configuration of the study as is."""
-    words = [*training_overrides(plan.argv), *schedule_overrides(schedule, plan.epochs, knobs)]
-    return " ".join(["python -m sweep", *map(shlex.quote, words)])
-
-
-def with_values(base: DictConfig, overrides: list[str]) -> DictConfig:
-    """`base` with `key=value` overrides applied the way Hydra applies them after composing.
-
-    The same config as composing again with the overrides added, for a millisecond instead of
-    ~0.1 s a trial (every key is checked to exist when the study starts).
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    cfg = copy.deepcopy(base)
-    for override in OverridesParser.create().parse_overrides(overrides):
-        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
-    return cfg
 
 
 def schedule_space(argv: list[str], schedule: str, epochs: int) -> dict[str, dict]:
@@ -166,160 +111,7 @@ def schedule_space(argv: list[str], schedule: str, epochs: int) -> dict[str, dic
     return {key: dict(spec) for key, spec in spaces.items()}
 
 
-# --- one trial -----------------------------------------------------------------------------------
-
-class SurplusTrial(RuntimeError):
-    """Two workers asked for the last slot at once; the higher trial number gives it up."""
-
-
-class Objective:
-    """One trial: sample the schedule's knobs, train, report the metric every epoch for pruning."""
-
-    def __init__(self, plan: Plan, schedule: str, nested: bool):
-        self.plan, self.schedule, self.nested = plan, schedule, nested
-        self.base: DictConfig | None = None  # the schedule's composed config, before the knobs
-
-    def __call__(self, trial: optuna.Trial) -> float:
-        plan, schedule = self.plan, self.schedule
-        if used_budget(trial.study, before=trial.number) >= plan.budget[schedule]:
-            trial.set_user_attr("state", "surplus")
-            trial.study.stop()
-            raise SurplusTrial(f"{plan.study_name(schedule)} already has its "
-                               f"{plan.budget[schedule]} trials")
-        started, params = time.perf_counter(), {}
-        try:
-            params = suggest(trial, plan.spaces[schedule])
-            value, state, epochs = self.train(trial, params)
-        except BaseException as err:  # recorded here, then Optuna marks the trial FAIL
-            state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            trial.set_user_attr("state", state)
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
-            self.say(trial, state, None, params, started, f"{type(err).__name__}: {err}")
-            raise
-        trial.set_user_attr("state", state)
-        self.say(trial, state, value, params, started, f"epoch {epochs}")
-        if state == "pruned":
-            raise optuna.TrialPruned(f"pruned after epoch {epochs}")
-        return value
-
-    def train(self, trial: optuna.Trial, params: dict[str, Any]) -> tuple[float, str, int]:
-        """Train with the sampled values in the trial's MLflow run: (value, state, epochs run)."""
-        from sweep.train import train
-
-        plan, schedule = self.plan, self.schedule
-        knobs = [f"{key}={hydra_value(value)}" for key, value in params.items()]
-        trial.set_user_attr("overrides", knobs)
-        if self.base is None:
-            self.base = compose([*without_scheduler(plan.argv),
-                                 *schedule_overrides(schedule, plan.epochs)], "sweep")
-        cfg = with_values(self.base, knobs)
-        pruned = False
-
-        def report(epoch: int, metrics: dict[str, float]) -> bool:
-            nonlocal pruned
-            trial.report(metrics[plan.metric], epoch)
-            # None of our pruners stops a trial before warmup_epochs; asking reads the storage.
-            pruned = epoch >= plan.settings["warmup_epochs"] and trial.should_prune()
-            return pruned  # stop here, close the MLflow run cleanly, then tell Optuna
-
-        tags = {"role": "trial", "study": plan.settings["name"], "schedule": schedule,
-                "optuna.study": plan.study_name(schedule), "optuna.trial": str(trial.number)}
-        if plan.parent_run_id:  # what `nested` does in-process; needed in worker processes
-            tags["mlflow.parentRunId"] = plan.parent_run_id
-        with mlflow_run(cfg, run_name_=f"{schedule}-{trial.number}", nested=self.nested,
-                        tags=tags) as tracker:
-            if tracker is not None:
-                trial.set_user_attr("mlflow_run_id", tracker.run_id)
-            try:
-                result = train(cfg, callback=report, tracker=tracker,
-                               output_dir=plan.out_dir / "runs" / f"{schedule}-{trial.number}")
-            except BaseException as err:
-                if tracker is not None:
-                    state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-                    tracker.set_tags({"state": state, "error": f"{type(err).__name__}: {err}"})
-                raise
-            value = result.final_metric
-            state = "pruned" if pruned else "complete"
-            if result.status == "diverged" or not math.isfinite(value):
-                state, value = "diverged", diverged_value(trial.study, plan.metric,
-                                                          result.history)
-            if tracker is not None:
-                tracker.set_tags({"state": state})
-                tracker.log_step(len(result.history), {"objective": value,
-                                                       f"best_{plan.metric}": result.best_metric})
-        return value, state, len(result.history)
-
-    def say(self, trial: optuna.Trial, state: str, value: float | None, params: dict,
-            started: float, note: str) -> None:
-        shown = " ".join(f"{k.rsplit('.', 1)[-1]}={hydra_value(v)}" for k, v in params.items())
-        score = "" if value is None else (f"penalty {value:.4f}" if state == "diverged"
-                                          else f"{self.plan.metric} {value:.4f}")
-        print(f"  {self.schedule:<12} #{trial.number:<3} {state:<11} {score:<16} {shown}  "
-              f"({note}, {time.perf_counter() - started:.1f}s)", flush=True)
-
-
-# --- workers and the search ----------------------------------------------------------------------
-
-def work(plan: Plan, nested: bool = True, worker: int = 0) -> None:
-    """Pull trials of each schedule from the storage until every schedule's budget is used."""
-    import torch
-
-    if plan.workers > 1:  # N workers share the cores instead of oversubscribing them
-        torch.set_num_threads(plan.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(plan.storage, shared=bool(plan.settings["storage"]))
-    for schedule in plan.schedules:
-        budget = plan.budget[schedule]
-        probe = optuna.load_study(study_name=plan.study_name(schedule), storage=storage)
-        left = budget - used_budget(probe)
-        if left <= 0:
-            continue
-        # A resumed or parallel run must not replay the same random proposals: offset the seed.
-        seed = plan.settings["seed"] + 1000 * worker + len(probe.trials)
-        study = optuna.load_study(study_name=plan.study_name(schedule), storage=storage,
-                                  sampler=make_sampler(plan.settings, plan.spaces[schedule], seed),
-                                  pruner=make_pruner(plan.settings, plan.epochs))
-
-        def stop_when_full(study: optuna.Study, _: FrozenTrial, budget: int = budget) -> None:
-            if used_budget(study) >= budget:
-                study.stop()
-
-        study.optimize(Objective(plan, schedule, nested), n_trials=left, catch=(Exception,),
-                       callbacks=[stop_when_full], gc_after_trial=False)
-
-
-def worker_main(plan: Plan, worker: int) -> None:
-    """A worker process; its trials are children of the study's MLflow run by tag, not nesting."""
-    try:
-        work(plan, nested=False, worker=worker)
-    except KeyboardInterrupt:  # the trial is already recorded as interrupted
-        sys.exit(130)
-
-
-def search(plan: Plan) -> None:
-    """Run the trials here (one worker) or in `plan.workers` processes on the shared storage."""
-    if plan.workers == 1:
-        work(plan, nested=True)
-        return
-    ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch threads or MLflow state
-    procs = [ctx.Process(target=worker_main, args=(plan, i), name=f"worker-{i}")
-             for i in range(plan.workers)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join()
-    except KeyboardInterrupt:  # the workers got the same Ctrl-C; let them record their trial
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.terminate()
-        raise
-    for p in procs:
-        if p.exitcode:
-            print(f"warning: {p.name} exited with code {p.exitcode}; its running trial is "
-                  "re-run next time", file=sys.stderr)
-
+# --- the plan, the MLflow parent run, the whole study ----------------------------------------
 
 def set_lr_bounds_from_range_test(cfg: DictConfig, spaces: dict[str, dict[str, dict]]) -> None:
     """`study.lr_bounds=auto`: an LR range test on the study's model and data sets every
@@ -352,107 +144,131 @@ def make_plan(cfg: DictConfig, argv: list[str]) -> Plan:
                                                       for spec in space.values()))
     _, metric, direction = loss_and_metric(cfg, load_data(cfg.dataset))
     out_dir = Path(s["output_dir"]).resolve()
-    storage = s["storage"] or default_storage(out_dir, s["workers"])
-    threads = max(1, (os.cpu_count() or 1) // s["workers"])
     return Plan(argv=list(argv), settings=s, spaces=spaces, budget=budget, epochs=epochs,
-                metric=metric, direction=direction, storage=storage, out_dir=out_dir,
-                workers=s["workers"], threads=threads)
+                metric=metric, direction=direction, storage=storage_url(s["storage"], out_dir),
+                out_dir=out_dir, tracking=bool(cfg.tracking.enabled),
+                tracking_uri=tracking_uri(cfg) if cfg.tracking.enabled else None,
+                workers=s["workers"], threads=threads_per_worker(s, s["workers"]))
 
 
-def open_studies(plan: Plan) -> dict[str, optuna.Study]:
-    """Create or load each schedule's study; trials a killed run left RUNNING are failed."""
-    owned = not plan.settings["storage"]  # nobody else writes to the default storage
-    storage = open_storage(plan.storage, shared=not owned)
-    studies = {}
+def storage_url(given: str | None, out_dir: Path) -> str:
+    """The study's storage, with a relative file made absolute: a worker on Ray or in another
+    directory must open the same file."""
+    if not given:
+        return default_storage(out_dir)
+    if is_journal(given):
+        return str(Path(given).resolve())
+    if given.startswith("sqlite:///") and not given.startswith("sqlite:////"):
+        return f"sqlite:///{Path(given.removeprefix('sqlite:///')).resolve()}"
+    return given
+
+
+def open_studies(worker: Worker) -> None:
+    """Create (or join) each schedule's study; refuse one made for the other direction."""
+    plan = worker.plan
     for schedule in plan.schedules:
-        study = optuna.create_study(study_name=plan.study_name(schedule), storage=storage,
-                                    direction=plan.direction, load_if_exists=True)
+        study = create_study(worker.storage, plan.study_name(schedule), plan.direction)
         if study.direction.name.lower() != plan.direction:
-            fail("study.name", plan.settings["name"],
-                 f"{plan.study_name(schedule)} in {plan.storage} was made to "
-                 f"{study.direction.name.lower()} another metric; pick a new study.name")
-        # A shared storage's running trials may be another machine's: heartbeats handle those.
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if owned else []
-        for t in running:
-            storage.set_trial_user_attr(t._trial_id, "state", "interrupted")
-            study.tell(t.number, state=TrialState.FAIL)
-        studies[schedule] = study
-    return studies
+            fail("study.name", plan.name, f"{plan.study_name(schedule)} in {plan.storage} was "
+                 f"made to {study.direction.name.lower()} another metric; pick a new study.name")
 
 
-@contextmanager
-def parent_run(cfg: DictConfig, plan: Plan, studies: dict[str, optuna.Study]) -> Iterator[Any]:
-    """The study's MLflow run: reopened on resume (its id lives in the Optuna studies)."""
-    run_id = next((s.user_attrs["mlflow_run_id"] for s in studies.values()
-                   if "mlflow_run_id" in s.user_attrs), None)
-    if run_id and cfg.tracking.enabled:
+def parent_run(cfg: DictConfig, worker: Worker) -> str | None:
+    """The study's MLflow run id, created by exactly one of the processes that start at once.
+
+    The election is per MLflow store: a study resumed against another store gets a parent there.
+    """
+    plan = worker.plan
+    if not plan.tracking:
+        return None
+    store = hashlib.sha1(plan.tracking_uri.encode()).hexdigest()[:8]
+
+    def create() -> str:
         import mlflow
 
-        from sweep.track import use_store
-        use_store(cfg)
-        try:
-            mlflow.MlflowClient().get_run(run_id)
-        except mlflow.exceptions.MlflowException:  # another MLflow store: start a new parent
-            run_id = None
-    parent_cfg = copy.deepcopy(cfg)
-    with open_dict(parent_cfg):  # the study compares schedules; it has no scheduler of its own
-        del parent_cfg["scheduler"]
-        parent_cfg.choices.pop("scheduler", None)
-    tags = {"role": "study", "study": plan.settings["name"], "scheduler": ",".join(studies)}
-    with mlflow_run(parent_cfg, run_name_=f"study-{plan.settings['name']}", tags=tags,
-                    run_id=run_id) as tracker:
-        if tracker is not None:
-            plan.parent_run_id = tracker.run_id
-            for study in studies.values():
-                study.set_user_attr("mlflow_run_id", tracker.run_id)
-        yield tracker
+        from sweep.track import Tracker
+
+        parent_cfg = OmegaConf.create(OmegaConf.to_container(cfg))
+        with open_dict(parent_cfg):  # the study compares schedules; it has none of its own
+            del parent_cfg["scheduler"]
+            parent_cfg.choices.pop("scheduler", None)
+        experiment_id = use_store(cfg)
+        tags = {**run_tags(parent_cfg), "role": "study", "study": plan.name,
+                "scheduler": ",".join(plan.schedules)}
+        run = mlflow.MlflowClient(plan.tracking_uri).create_run(
+            experiment_id, run_name=f"study-{plan.name}", tags=tags)
+        tracker = Tracker(run.info.run_id)
+        tracker.log_params(flatten(OmegaConf.to_container(parent_cfg, resolve=True)))
+        tracker.log_text(OmegaConf.to_yaml(parent_cfg, resolve=True), "config.yaml")
+        tracker.close()
+        return run.info.run_id
+
+    return once(worker.storage, f"{plan.name}/mlflow-parent/{store}", create, worker.liveness)
 
 
-def run_study(argv: list[str]) -> Any:
-    """Search, confirm and report; returns the `sweep.study_report.Summary`."""
-    from sweep.study_report import summarize
-
+def run_study(argv: list[str], cfg: DictConfig | None = None) -> Summary:
+    """Search, confirm and report; returns the summary. `argv` are the command's overrides (the
+    workers compose each trial's config from them); `cfg` is what they compose, if known."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from us
-    cfg = compose(argv, config_name="sweep")
+    cfg = cfg if cfg is not None else compose(argv, config_name="sweep")
     plan = make_plan(cfg, argv)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    studies = open_studies(plan)
+    try:
+        worker = Worker(plan)
+    except MissingDriver as err:
+        raise ConfigError(f"study.storage={plan.storage!r}: {err}") from None
+    open_studies(worker)
     s = plan.settings
-    done = ", ".join(f"{name} {used_budget(st)}/{plan.budget[name]}"
-                     for name, st in studies.items())
-    print(f"study {s['name']!r}: {len(studies)} schedules x {s['trials']} trials x {plan.epochs} "
-          f"epochs on {cfg.choices.get('model')}/{cfg.choices.get('dataset')}, "
-          f"sampler {s['sampler']}, pruner {s['pruner']}, {plan.workers} worker(s)\n"
-          f"storage {plan.storage} (trials so far: {done})", flush=True)
-    with parent_run(cfg, plan, studies) as parent:
-        search(plan)
-        summary = summarize(cfg, plan, studies, parent)
+    done = ", ".join(f"{name} {used_budget(worker.study(name))}/{plan.budget[name]}"
+                     for name in plan.schedules)
+    where = (f"{plan.workers} Ray task(s)" if s["launcher"] == "ray"
+             else f"{plan.workers} worker(s) here")
+    print(f"study {plan.name!r}: {len(plan.schedules)} schedules x {s['trials']} trials x "
+          f"{plan.epochs} epochs on {cfg.choices.get('model')}/{cfg.choices.get('dataset')}, "
+          f"sampler {s['sampler']}, pruner {s['pruner']}, {where}\n"
+          f"storage {plan.storage} (trials so far: {done}); the same command started elsewhere "
+          "joins this study", flush=True)
+    plan.parent_run_id = parent_run(cfg, worker)
+    wait = launch(plan)
+    if s["launcher"] == "local":
+        work_here(plan, worker)
+    wait()
+    work_here(plan, worker)  # whatever is left: a dead worker's retried trial, the confirmations
+    summary = summarize(cfg, worker)
     print(summary.text)
-    if cfg.tracking.enabled:
-        print(f"MLflow: run `mlflow ui --backend-store-uri {tracking_uri(cfg)}` (or `make ui`) "
+    if plan.tracking:
+        print(f"MLflow: run `mlflow ui --backend-store-uri {plan.tracking_uri}` (or `make ui`) "
               f"and open http://127.0.0.1:5000, experiment {cfg.tracking.experiment!r}, "
-              f"run 'study-{s['name']}'")
+              f"run 'study-{plan.name}'")
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse `sys.argv[1:]` as Hydra overrides for conf/sweep.yaml and run the study."""
-    argv = sys.argv[1:] if argv is None else argv
-    if {"-h", "--help"} & set(argv):
-        print(__doc__)
-        print(OmegaConf.to_yaml(compose([], config_name="sweep").study))
-        return
+def work_here(plan: Plan, worker: Worker) -> None:
+    """This process as one of the study's workers, on the connection it already has."""
+    import torch
+
+    torch.set_num_threads(plan.threads)
+    worker.run()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sweep")
+def main(cfg: DictConfig) -> float | None:
+    """Run the study the command line composes; returns the leader's mean (for sweepers)."""
     from sweep.data import DataError
 
+    hydra_cfg = HydraConfig.get()
+    cfg = with_choices(cfg, hydra_cfg.runtime.choices)
     try:
-        run_study(argv)
-    except (ConfigError, DataError, HydraException) as err:
-        print(f"sweep.study: error: {err}", file=sys.stderr)
+        summary = run_study(list(hydra_cfg.overrides.task), cfg)
+    except (ConfigError, DataError) as err:
+        print(f"sweep: error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\nsweep.study: interrupted; finished trials are kept: run the same command to "
               "resume", file=sys.stderr)
         sys.exit(130)
+    leader = next((r for r in summary.rows if r.values), None)
+    return leader.mean if leader else None
 
 
 if __name__ == "__main__":

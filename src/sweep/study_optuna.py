@@ -7,35 +7,23 @@ study's orchestration in `sweep.study` reads without Optuna's details.
 from __future__ import annotations
 
 import math
-import sqlite3
-import warnings
-from functools import partial
-from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sweep.study_plan import override_text
+
 # --- search spaces -----------------------------------------------------------------------------
-
-def hydra_value(value: Any) -> str:
-    """A value as Hydra override syntax; floats keep 6 significant digits so commands read well."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    return str(value)
-
 
 def optuna_choice(choice: Any) -> Any:
     # Optuna stores only scalars; a list choice (milestones) is kept as its override text.
-    return hydra_value(choice) if isinstance(choice, list | tuple) else choice
+    return override_text(choice) if isinstance(choice, list | tuple) else choice
 
 
 def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict[str, Any]:
-    """Sample one value per search-space key (`optimizer.lr`, `scheduler.gamma`, ...)."""
+    """Sample one value per search-space key (`optimizer.lr`, `scheduler.gamma`, ...), as the
+    values to train with (a list choice comes back as the list, not Optuna's text for it)."""
     params = {}
     for key, spec in space.items():
         if spec["type"] == "float":
@@ -45,8 +33,8 @@ def suggest(trial: optuna.Trial, space: dict[str, dict]) -> dict[str, Any]:
             params[key] = trial.suggest_int(key, spec["low"], spec["high"],
                                             step=spec.get("step") or 1, log=bool(spec.get("log")))
         else:
-            params[key] = trial.suggest_categorical(key, [optuna_choice(c)
-                                                          for c in spec["choices"]])
+            by_text = {optuna_choice(c): c for c in spec["choices"]}
+            params[key] = by_text[trial.suggest_categorical(key, list(by_text))]
     return params
 
 
@@ -70,7 +58,10 @@ def grid_values(spec: dict, points: int) -> list[Any]:
 def make_sampler(s: dict, space: dict[str, dict], seed: int) -> optuna.samplers.BaseSampler:
     """The configured sampler, seeded so that a study is reproducible."""
     if s["sampler"] == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s["startup_trials"])
+        # constant_liar: trials running in other processes count as bad guesses, so parallel
+        # workers spread out instead of all proposing the current best region.
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s["startup_trials"],
+                                          constant_liar=True)
     if s["sampler"] == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s["sampler"] == "grid":
@@ -97,61 +88,23 @@ def make_pruner(s: dict, epochs: int) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def default_storage(out_dir: Path, workers: int) -> str:
-    """SQLite in the output directory; a journal file for parallel workers (SQLite locks up).
-
-    Whichever file already exists wins, so changing `study.workers` resumes the same study.
-    """
-    db, journal = out_dir / "optuna.db", out_dir / "optuna.journal"
-    if journal.exists() or (workers > 1 and not db.exists()):
-        return str(journal)
-    return f"sqlite:///{db}"
-
-
-def sqlite_connect(path: str) -> sqlite3.Connection:
-    """A SQLite connection tuned for a study: every report and tell is a commit, a few per epoch.
-
-    WAL lets readers (the dashboard, other workers) go on while one process writes, and
-    synchronous=NORMAL skips the fsync per commit, which made Optuna's share of a trial 5x slower.
-    A killed process still loses nothing it committed; only a power cut could lose the last ones.
-    """
-    conn = sqlite3.connect(path, timeout=60, check_same_thread=False)  # wait for other workers
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    return conn
-
-
-def open_storage(url: str, shared: bool = False) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL, or from a journal file path (`*.journal`, `*.log`)."""
-    if url.endswith((".journal", ".log")):
-        from optuna.storages.journal import JournalFileBackend
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        kwargs["engine_kwargs"] = {"creator": partial(sqlite_connect, url.removeprefix("sqlite:///"))}
-    if shared:  # heartbeats let a later run fail the trials of a killed worker on another machine
-        kwargs.update(heartbeat_interval=30, grace_period=120)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, **kwargs)
-
-
 # --- trials and the budget ---------------------------------------------------------------------
 
 def trial_state(t: FrozenTrial) -> str:
-    """complete | pruned | diverged | failed | interrupted | surplus | running | waiting."""
-    if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
-        default = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(t.state,
-                                                                                     "interrupted")
-        return t.user_attrs.get("state", default)
+    """complete | pruned | diverged | failed | interrupted | surplus | duplicate | running |
+    waiting. A trial that FAILed without saying why was killed: its process never told."""
+    if t.state == TrialState.FAIL:
+        return t.user_attrs.get("state", "interrupted")
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return t.user_attrs.get("state", t.state.name.lower())
     return t.state.name.lower()
 
 
 def counts(t: FrozenTrial) -> bool:
-    """Whether a trial has used up budget. Interrupted and surplus trials have not, so they run
-    again; a trial that raised has (it would most likely raise again); a waiting (enqueued) trial
-    has not yet: the next `ask` runs it."""
-    return trial_state(t) not in ("interrupted", "surplus", "waiting")
+    """Whether a trial has used up budget. Interrupted, surplus and duplicate trials have not, so
+    their work runs again; a trial that raised has (it would most likely raise again); a running
+    trial will; a waiting (queued) one has not yet: the next `ask` runs it."""
+    return trial_state(t) not in ("interrupted", "surplus", "duplicate", "waiting")
 
 
 def used_budget(study: optuna.Study, before: int | None = None) -> int:

@@ -1,19 +1,19 @@
-"""After the search: retrain each schedule's best configuration with several seeds, and compare.
+"""After the search and the confirmation runs: the comparison, built from what the storage holds.
 
 The summary names a winner only when the runner-up is worse by more than the seed-to-seed noise:
 the confirmation runs pair up by seed, and the test is `sweep.report`'s (a paired t-test, p < 0.05),
 so the study's summary and the report read back from MLflow agree. A smaller gap is what a
-different seed could undo. Confirmation runs are cached in the output directory, so a resumed or
-repeated command does not train them again.
+different seed could undo. Everything here is read from the Optuna storage, so every process of
+a study prints the same summary; one of them (elected in the storage) publishes it to MLflow.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import statistics
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +22,14 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig
 
-from sweep.config import compose
-from sweep.study import Plan, rerun_command, schedule_overrides, without_scheduler
+from sweep import faults
+from sweep.dburl import sqlalchemy_url
 from sweep.study_optuna import best_trial, trial_state
-from sweep.track import mlflow_run
+from sweep.study_plan import Plan, knob_overrides, rerun_command
+from sweep.study_storage import once
+from sweep.study_worker import Worker, confirmation_records
 
 TALLY = ("complete", "pruned", "diverged", "failed")
-MAX_LR_POINTS = 500  # lr curves kept per confirmation run (enough for a plot, small in storage)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Row:
     schedule: str
     tally: dict[str, int]                  # trials by state: complete, pruned, diverged, failed
     best_trial: int | None = None
-    knobs: list[str] = field(default_factory=list)   # the best trial's overrides
+    knobs: dict[str, Any] = field(default_factory=dict)  # the best trial's values
     command: str = ""                      # `python -m sweep ...` rerunning the best configuration
     runs: list[dict] = field(default_factory=list)   # one record per confirmation seed
     to_target: list[int | None] = field(default_factory=list)  # epochs to reach the target
@@ -70,53 +71,23 @@ class Summary:
     out_dir: Path
 
 
-# --- confirmation ---------------------------------------------------------------------------------
+# --- rows from the storage ----------------------------------------------------------------------
 
-def confirm(cfg: DictConfig, plan: Plan, study: optuna.Study, schedule: str) -> Row:
-    """Retrain the schedule's best trial once per seed (cached in output_dir/confirm/)."""
+def schedule_row(worker: Worker, schedule: str) -> Row:
+    """A schedule's trials by state, its best trial and the confirmation runs of it."""
+    plan = worker.plan
+    study = worker.study(schedule)
     trials = study.get_trials(deepcopy=False)
     row = Row(schedule, {k: sum(trial_state(t) == k for t in trials) for k in TALLY})
     best = best_trial(study)
     if best is None:
         return row
-    row.best_trial, row.knobs = best.number, list(best.user_attrs["overrides"])
-    row.command = rerun_command(plan, schedule, row.knobs)
-    for seed in cfg.study.seeds:
-        path = plan.out_dir / "confirm" / f"{schedule}-trial{best.number}-seed{seed}.json"
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            record = confirm_run(plan, schedule, row.knobs, seed)
-            path.with_suffix(".tmp").write_text(json.dumps(record))
-            path.with_suffix(".tmp").replace(path)  # a kill mid-write leaves no half a record
-        row.runs.append(json.loads(path.read_text()))
+    values = best.user_attrs.get("values", best.params)
+    row.best_trial, row.knobs = best.number, dict(values)
+    row.command = rerun_command(plan, schedule, values)
+    row.runs = confirmation_records(worker.confirm_study(schedule), best,
+                                    list(plan.settings["seeds"]))
     return row
-
-
-def confirm_run(plan: Plan, schedule: str, knobs: list[str], seed: int) -> dict[str, Any]:
-    """Train one configuration with one seed as a child of the study's MLflow run."""
-    from sweep.train import train
-
-    started = time.perf_counter()
-    cfg = compose([*without_scheduler(plan.argv), *schedule_overrides(schedule, plan.epochs, knobs),
-                   f"seed={seed}"], "sweep")
-    tags = {"role": "confirm", "study": plan.settings["name"], "schedule": schedule,
-            "seed": str(seed)}
-    if plan.parent_run_id:
-        tags["mlflow.parentRunId"] = plan.parent_run_id
-    with mlflow_run(cfg, run_name_=f"{schedule}-best-seed{seed}", nested=True,
-                    tags=tags) as tracker:
-        result = train(cfg, tracker=tracker,
-                       output_dir=plan.out_dir / "runs" / f"{schedule}-best-seed{seed}")
-        if tracker is not None:
-            tracker.set_tags({"status": result.status})
-    first_group = result.lr_trace[0]["group"] if result.lr_trace else None
-    lr = [[r["step"], r["lr"]] for r in result.lr_trace if r["group"] == first_group]
-    every = max(1, len(lr) // MAX_LR_POINTS)
-    final = result.final_metric if result.status != "diverged" else math.nan
-    print(f"  {schedule:<12} seed {seed:<4} {result.status:<11} {plan.metric} {final:.4f}  "
-          f"({time.perf_counter() - started:.1f}s)", flush=True)
-    return {"seed": seed, "status": result.status, "final": final,
-            "curve": [h[plan.metric] for h in result.history], "lr": lr[::every]}
 
 
 def epochs_to(curve: list[float], target: float, maximize: bool) -> int | None:
@@ -156,10 +127,15 @@ def verdict(ranked: list[Row], metric: str, maximize: bool) -> tuple[str | None,
 
 # --- the table and files --------------------------------------------------------------------------
 
+def shown(value: Any) -> str:
+    """A knob's value in a table: 4 significant digits (the command keeps every digit)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def cells(row: Row, metric: str) -> list[str]:
-    knobs = dict(k.split("=", 1) for k in row.knobs)
-    lr = knobs.pop("optimizer.lr", "-")
-    other = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in knobs.items()) or "-"
+    knobs = dict(row.knobs)
+    lr = shown(knobs.pop("optimizer.lr")) if "optimizer.lr" in knobs else "-"
+    other = " ".join(f"{k.rsplit('.', 1)[-1]}={shown(v)}" for k, v in knobs.items()) or "-"
     diverged = sum(r["status"] == "diverged" for r in row.runs)
     score = f"{row.mean:.4f} ± {row.std:.4f}" if row.values else "-"
     if diverged:
@@ -196,7 +172,8 @@ def write_files(summary: Summary, plan: Plan) -> list[Path]:
                     f"{summary.metric}_std", "seeds", "values", "epochs_to_target",
                     *[f"trials_{k}" for k in TALLY], "command"])
         for r in summary.rows:
-            w.writerow([r.schedule, r.best_trial, " ".join(r.knobs), r.mean, r.std, len(r.runs),
+            w.writerow([r.schedule, r.best_trial, " ".join(knob_overrides(r.knobs)), r.mean,
+                        r.std, len(r.runs),
                         " ".join(f"{v:.6g}" for v in r.values),
                         " ".join("-" if e is None else str(e) for e in r.to_target),
                         *[r.tally[k] for k in TALLY], r.command])
@@ -208,6 +185,12 @@ def write_files(summary: Summary, plan: Plan) -> list[Path]:
             path.write_text(r.command + "\n")
             written.append(path)
     return written
+
+
+def cli_storage(url: str) -> str:
+    """The storage as Optuna's command line takes it: with the driver named, and a journal file
+    as `optuna` has no flag for it, only its path (read it with JournalFileBackend)."""
+    return url if url.endswith((".journal", ".log")) else sqlalchemy_url(url)
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -292,12 +275,12 @@ def save_figures(figures: dict[str, Any], folder: Path) -> list[Path]:
 
 # --- all of it ------------------------------------------------------------------------------------
 
-def summarize(cfg: DictConfig, plan: Plan, studies: dict[str, optuna.Study],
-              parent: Any) -> Summary:
-    """Confirm, rank, write summary files and plots, and attach them to the study's MLflow run."""
+def summarize(cfg: DictConfig, worker: Worker) -> Summary:
+    """Rank the schedules from the storage and write the summary files; one process of the study
+    also draws the plots and attaches everything to the study's MLflow run."""
+    plan = worker.plan
     maximize = plan.direction == "maximize"
-    print(f"confirming the best of each schedule with seeds {list(cfg.study.seeds)}", flush=True)
-    rows = [confirm(cfg, plan, study, name) for name, study in studies.items()]
+    rows = [schedule_row(worker, name) for name in plan.schedules]
     ranked = sorted((r for r in rows if r.values), key=lambda r: r.mean, reverse=maximize)
     rows = ranked + [r for r in rows if not r.values]
     target = cfg.study.target
@@ -315,24 +298,45 @@ def summarize(cfg: DictConfig, plan: Plan, studies: dict[str, optuna.Study],
                  f"{sum(r.tally['pruned'] for r in rows)} of "
                  f"{sum(sum(r.tally.values()) for r in rows)}; best configurations, rerun as is:")
     notes += [f"  {r.command}" for r in rows if r.command]
-    notes.append(f"written to {plan.out_dir}: summary.md, summary.csv, best_overrides/, plots/, "
-                 "confirm/ (the confirmation runs)")
-    notes.append(f"Optuna storage {plan.storage}: `optuna studies --storage {plan.storage}` or "
-                 f"`optuna-dashboard {plan.storage}`")
+    notes.append(f"written to {plan.out_dir}: summary.md, summary.csv, best_overrides/, plots/")
+    notes.append(f"Optuna storage {plan.storage}: `optuna trials --study-name "
+                 f"{plan.study_name(plan.schedules[0])} --storage {cli_storage(plan.storage)}`")
     text = markdown_table(rows, plan.metric, target) + "\n\n" + "\n".join(notes)
     summary = Summary(rows, plan.metric, plan.direction, target, winner, line, text, plan.out_dir)
     written = write_files(summary, plan)
+    # Published once per distinct result: a study resumed with a larger budget publishes again.
+    fingerprint = hashlib.sha1(json.dumps([(r.schedule, r.best_trial, [x["seed"] for x in r.runs])
+                                           for r in rows]).encode()).hexdigest()[:12]
+    once(worker.storage, f"{plan.name}/published/{fingerprint}",
+         lambda: publish(cfg, worker, summary, ranked, written), worker.liveness)
+    return summary
+
+
+def publish(cfg: DictConfig, worker: Worker, summary: Summary, ranked: list[Row],
+            written: list[Path]) -> bool:
+    """Plots, and the summary on the study's MLflow run, which is then marked finished."""
+    plan = worker.plan
     plots: list[Path] = []
     if cfg.study.plots:
+        studies = {name: worker.study(name) for name in plan.schedules}
         figures = {**optuna_figures(studies, plan), **curve_figures(ranked, plan.metric)}
         plots = save_figures(figures, plan.out_dir / "plots")
-    if parent is not None:
+    faults.point("summary")
+    if plan.parent_run_id:
+        import mlflow
+
+        from sweep.track import Tracker
+
+        mlflow.set_tracking_uri(plan.tracking_uri)
+        parent = Tracker(plan.parent_run_id)
         for path in written:
             parent.log_artifact(path, "best_overrides" if path.parent.name == "best_overrides"
                                 else None)
         for path in plots:
             parent.log_artifact(path, "plots")
-        parent.set_tags({"winner": winner or "none"})
+        parent.set_tags({"winner": summary.winner or "none"})
         parent.log_step(0, {f"{r.schedule}/{plan.metric}_mean": r.mean for r in ranked}
                         | {f"{r.schedule}/{plan.metric}_std": r.std for r in ranked})
-    return summary
+        parent.close()
+        mlflow.MlflowClient(plan.tracking_uri).set_terminated(plan.parent_run_id, "FINISHED")
+    return True

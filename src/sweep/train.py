@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from sweep.config import validate
+from sweep.config import check_file, fail, validate
 from sweep.data import Data, augment_batch, load_data, tensor_batches
 from sweep.models import build_model
 from sweep.optim import build_optimizer
@@ -166,6 +166,40 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return lrs
 
 
+@dataclass
+class Setup:
+    """The parts every run over a config trains with; `train` and `lr_find` both start here."""
+
+    device: torch.device
+    data: Data                      # on `device` when `on_device`
+    on_device: bool                 # small enough to batch from device tensors (no DataLoader)
+    model: torch.nn.Module          # on `device`
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable
+    metric_name: str                # val_acc | val_mse
+    direction: str                  # maximize | minimize
+    budget: Budget                  # epochs and optimizer steps per epoch, for the schedule
+    amp: torch.dtype | None         # the autocast dtype, or None for full precision
+    gen: torch.Generator            # batch order and augmentation (checkpointed by `train`)
+
+
+def setup(cfg: DictConfig) -> Setup:
+    """Seed, then build the device, data, model, optimizer and loss as the config says."""
+    t = cfg.trainer
+    device = pick_device(t.device)
+    seed_everything(cfg.seed, t.deterministic)
+    data = load_data(cfg.dataset)
+    model = build_model(cfg.model, data).to(device)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    loss_fn, metric_name, direction = loss_and_metric(cfg, data)
+    budget = Budget(epochs=t.epochs, steps_per_epoch=data.steps_per_epoch(t.batch_size))
+    on_device = data.nbytes <= t.device_data_max_mb * 2**20
+    if on_device:
+        data = data.to(device)
+    return Setup(device, data, on_device, model, optimizer, loss_fn, metric_name, direction,
+                 budget, pick_amp(t.amp, device), torch.Generator().manual_seed(cfg.seed))
+
+
 def default_output_dir() -> Path:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -175,27 +209,22 @@ def default_output_dir() -> Path:
 
 
 def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None,
-          output_dir: str | Path | None = None) -> TrainResult:
-    """Train one model as the config says and return its result; `tracker` logs to MLflow."""
+          output_dir: str | Path | None = None, parts: Setup | None = None) -> TrainResult:
+    """Train one model as the config says and return its result; `tracker` logs to MLflow.
+
+    `parts`: what `setup(cfg)` built already (a caller that checks them before opening a run).
+    """
     # 1. Check everything that can be checked, then build each part (still before any training).
     validate(cfg)
     t = cfg.trainer
-    device = pick_device(t.device)
-    seed_everything(cfg.seed, t.deterministic)
-    data = load_data(cfg.dataset)
-    model = build_model(cfg.model, data).to(device)
-    optimizer = build_optimizer(cfg.optimizer, model)
-    loss_fn, metric_name, direction = loss_and_metric(cfg, data)
-    budget = Budget(epochs=t.epochs, steps_per_epoch=data.steps_per_epoch(t.batch_size))
-    schedule = build_scheduler(cfg.scheduler, optimizer, budget, direction)
-    amp = pick_amp(t.amp, device)
+    parts = parts if parts is not None else setup(cfg)
+    device, data, model, optimizer = parts.device, parts.data, parts.model, parts.optimizer
+    loss_fn, metric_name, direction = parts.loss_fn, parts.metric_name, parts.direction
+    amp, on_device, gen = parts.amp, parts.on_device, parts.gen
+    schedule = build_scheduler(cfg.scheduler, optimizer, parts.budget, direction)
     # fp16 needs loss scaling to keep small gradients representable; bf16 has fp32's range.
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
-    on_device = data.nbytes <= t.device_data_max_mb * 2**20
-    if on_device:
-        data = data.to(device)
-    gen = torch.Generator().manual_seed(cfg.seed)  # batch order and augmentation, checkpointed
     out_dir = Path(output_dir) if output_dir is not None else default_output_dir()
     ckpt_path = Path(t.checkpoint.path) if t.checkpoint.path else out_dir / "checkpoint.pt"
 
@@ -203,9 +232,10 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
                          run_id=getattr(tracker, "run_id", None))
     better = (lambda a, b: a > b) if direction == "maximize" else (lambda a, b: a < b)
     step, start_epoch, initial_loss = 0, 1, None
+    settings = resume_settings(cfg)  # saved with each checkpoint, compared when resuming
     if t.resume:
         step, start_epoch, initial_loss = load_checkpoint(
-            Path(t.resume), model, optimizer, schedule.scheduler, scaler, gen, result)
+            read_checkpoint(cfg, parts), model, optimizer, schedule.scheduler, scaler, gen, result)
 
     # Plain values for the loop: a DictConfig lookup costs tens of microseconds, an epoch of the
     # article's MLP a few milliseconds.
@@ -246,14 +276,25 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
             elif clip_mode == "value":
                 torch.nn.utils.clip_grad_value_(params, clip_max)
             applied = tuple(g["lr"] for g in optimizer.param_groups)
-            if fp16:
-                scale = scaler.get_scale()
-                scaler.step(optimizer)  # skipped by the scaler when gradients hold inf/nan
-                scaler.update()
-                skipped = scaler.get_scale() < scale
-            else:
-                optimizer.step()
-                skipped = False
+            try:
+                if fp16:
+                    scale = scaler.get_scale()
+                    scaler.step(optimizer)  # skipped by the scaler when gradients hold inf/nan
+                    scaler.update()
+                    skipped = scaler.get_scale() < scale
+                else:
+                    optimizer.step()
+                    skipped = False
+            except RuntimeError as err:
+                # An lr beyond the weights' float range (1e300 on float32 weights) cannot even be
+                # applied: PyTorch refuses to convert it ("... without overflow"). It is a
+                # too-large lr like lr=50, so it ends the same way: this epoch's loss is infinite
+                # and the run stops as `diverged` below. Refusing it at validation instead would
+                # miss the lrs a schedule or a per-group rule scales up past the range.
+                if "without overflow" not in str(err):
+                    raise
+                losses.append(torch.full_like(loss.detach(), math.inf))
+                break
             if skipped:
                 # A skipped step applied no lr, so a per-step schedule does not advance either.
                 result.skipped_steps += 1
@@ -303,7 +344,7 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
             break
         if checkpoint_every and epoch % checkpoint_every == 0:
             save_checkpoint(ckpt_path, model, optimizer, schedule.scheduler, scaler, gen, epoch,
-                            step, initial_loss, result)
+                            step, initial_loss, result, settings)
         if callback is not None and callback(epoch, metrics):
             result.status = "stopped"
             break
@@ -311,8 +352,40 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
     return result
 
 
+# --- checkpoints -------------------------------------------------------------------------------
+
+# What a checkpoint continues: the run it was saved from trained with these settings, and its
+# state (the schedule's above all) only means the same thing with them. trainer.epochs may grow
+# (train on); where the data files are read from does not change the run.
+RESUME_KEYS = ("model", "dataset", "optimizer", "scheduler", "trainer.batch_size")
+WHERE_ONLY = ("dataset.root", "dataset.archives", "dataset.download")
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step",
+                   "initial_loss", "run_id", "history", "lr_trace", "best_metric", "best_epoch",
+                   "skipped_steps")
+A_CHECKPOINT = "the checkpoint.pt of an earlier run (one with trainer.checkpoint.every > 0)"
+
+
+def resume_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings a checkpoint must share with the config that continues it, flattened."""
+    flat: dict[str, Any] = {}
+
+    def walk(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{key}.{k}", v)
+        elif key not in WHERE_ONLY:
+            flat[key] = value
+
+    for key in RESUME_KEYS:
+        node = OmegaConf.select(cfg, key)
+        walk(key, OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node)
+             else node)
+    return flat
+
+
 def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, gen: torch.Generator,
-                    epoch: int, step: int, initial_loss: float | None, result: TrainResult) -> None:
+                    epoch: int, step: int, initial_loss: float | None, result: TrainResult,
+                    settings: dict[str, Any] | None = None) -> None:
     """Everything needed to continue as if never interrupted, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
@@ -324,18 +397,74 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, gen: torch.
         "epoch": epoch, "step": step, "initial_loss": initial_loss, "run_id": result.run_id,
         "history": result.history, "lr_trace": result.lr_trace, "best_metric": result.best_metric,
         "best_epoch": result.best_epoch, "skipped_steps": result.skipped_steps,
+        "settings": settings,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # a kill mid-write never leaves a truncated checkpoint
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, gen: torch.Generator,
-                    result: TrainResult) -> tuple[int, int, float | None]:
-    """Restore what `save_checkpoint` wrote; returns (step, first epoch to run, initial loss)."""
-    # Onto the CPU: RNG states must stay CPU byte tensors, and the model's and optimizer's
-    # load_state_dict copy their tensors to wherever the parameters live.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+def read_checkpoint(cfg: DictConfig, parts: Setup) -> dict[str, Any]:
+    """The checkpoint `trainer.resume` names, once it is known to continue this config's run.
+
+    Raises ConfigError naming `trainer.resume` (or `trainer.epochs`) for a file that is not a
+    checkpoint, or one of a run with other settings, a different model or optimizer, or no
+    epochs left to train. `sweep.__main__.run` calls it before it reopens the MLflow run.
+    """
+    path = str(cfg.trainer.resume)
+    check_file("trainer.resume", path, A_CHECKPOINT)
+    try:
+        # Onto the CPU: RNG states must stay CPU byte tensors, and the model's and optimizer's
+        # load_state_dict copy their tensors to wherever the parameters live.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated, garbage, not a torch file at all
+        reason = " ".join(str(err).split()).split(". ")[0][:120]  # its first sentence
+        fail("trainer.resume", path, f"cannot be read as a checkpoint ({type(err).__name__}: "
+             f"{reason}); give {A_CHECKPOINT}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state] if isinstance(state, dict) else [
+        "keys at all"]
+    if missing:
+        fail("trainer.resume", path, f"is not a checkpoint of sweep's trainer (it has no "
+             f"{', '.join(missing)}); give {A_CHECKPOINT}")
+
+    if cfg.trainer.epochs <= state["epoch"]:
+        fail("trainer.epochs", cfg.trainer.epochs, f"the checkpoint trainer.resume={path!r} "
+             f"already holds {state['epoch']} epochs, so nothing is left to train; set "
+             f"trainer.epochs above {state['epoch']} to train on, or start afresh without "
+             "trainer.resume")
+    saved, here = state.get("settings") or {}, resume_settings(cfg)
+    differ = [k for k in dict.fromkeys([*saved, *here]) if saved.get(k) != here.get(k)] if (
+        saved) else []
+    # Another optimizer (schedule, model) differs in every setting: its name says it all.
+    differ = [k for k in differ if k.endswith("._target_")] or differ
+    if differ:
+        shown = "; ".join(f"{k}={saved.get(k)!r} there, {here.get(k)!r} here" for k in differ[:4])
+        more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+        fail("trainer.resume", path, f"it continues a run with other settings: {shown}{more}; "
+             "resume with the settings it was saved with (the run's .hydra/overrides.yaml)")
+
+    # What the checkpoint's tensors fit, for one saved without its settings.
+    want, got = parts.model.state_dict(), state["model"]
+    if not isinstance(got, dict) or set(want) != set(got) or any(
+            getattr(got[k], "shape", None) != want[k].shape for k in want):
+        fail("trainer.resume", path, "its model's weights do not fit this config's model; resume "
+             "with the model it was saved with")
+    ours = parts.optimizer.state_dict()["param_groups"]
+    theirs = state["optimizer"].get("param_groups", []) if isinstance(
+        state["optimizer"], dict) else []
+    if len(ours) != len(theirs) or any(
+            set(a) - {"initial_lr"} != set(b) - {"initial_lr"} or len(a["params"]) != len(
+                b["params"]) for a, b in zip(ours, theirs, strict=False)):
+        fail("trainer.resume", path, "its optimizer state is not "
+             f"{type(parts.optimizer).__name__}'s over these parameter groups; resume with the "
+             "optimizer it was saved with")
+    return state
+
+
+def load_checkpoint(state: dict[str, Any], model, optimizer, scheduler, scaler,
+                    gen: torch.Generator, result: TrainResult) -> tuple[int, int, float | None]:
+    """Restore what `save_checkpoint` wrote and `read_checkpoint` checked; returns (step, first
+    epoch to run, initial loss)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])  # after the optimizer's, which it reads
