@@ -7,9 +7,13 @@ import itertools
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from glob import glob
 from pathlib import Path
@@ -158,3 +162,65 @@ def pg_database(postgres_url: str) -> str:
 def pg_database2(postgres_url: str) -> str:
     """A second fresh database, for a test that keeps MLflow and Optuna apart as a team would."""
     return fresh_database(postgres_url)
+
+
+# --- an MLflow tracking server --------------------------------------------------------------------
+
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a SQLite store; can be stopped and started again."""
+
+    def __init__(self, root: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.root, self.url = root, f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner
+        with open(self.root / "server.log", "a") as log:
+            self.proc = subprocess.Popen(
+                [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)  # its own process group: uvicorn runs as a child
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        log = (self.root / "server.log").read_text()
+        raise RuntimeError(f"mlflow server did not start:\n{log}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)  # the server and its uvicorn worker
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.proc = None
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """A real `mlflow server` on 127.0.0.1 for one test; it can be stopped and started again."""
+    server = MlflowServer(tmp_path)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

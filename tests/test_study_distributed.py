@@ -227,3 +227,34 @@ def test_a_ray_node_killed_mid_study_loses_nothing(tmp_path, monkeypatch):
     trials = [t for s in SCHEDULES for t in load(storage, f"nodes/{s}").trials]
     assert [trial_state(t) for t in trials].count("interrupted") == 1  # the dead node's trial
     assert sum("failed_trial" in t.system_attrs for t in trials) == 1  # ... run again elsewhere
+
+
+def test_a_tracking_server_stopped_mid_study_loses_no_metric_point(mlflow_server, tmp_path):
+    out = tmp_path / "study"
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    argv = [*TINY, f"study.output_dir={out}", "study.name=outage", "study.epochs=20",
+            "study.pruner=none"]
+    study = sweep_study(argv, tmp_path, {"MLFLOW_TRACKING_URI": mlflow_server.url,
+                                         "SWEEP_MLFLOW_WAIT_S": "300"})
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and study.poll() is None:  # once training has begun
+        if trials_running(storage, ["outage/step", "outage/cosine"]):
+            break
+        time.sleep(0.2)
+    mlflow_server.stop()
+    time.sleep(5)
+    mlflow_server.start()
+    output = study.communicate(timeout=600)[0]
+    assert study.returncode == 0, output
+    assert "unreachable" in output and "reachable again" in output  # it said so, once each way
+
+    runs = check_one_study(storage, mlflow_server.url, "outage")
+    client = mlflow.MlflowClient(mlflow_server.url)
+    by_trial = {(r.data.tags["schedule"], int(r.data.tags["optuna.trial"])): r.info.run_id
+                for r in runs["trial"]}
+    for schedule in SCHEDULES:
+        for t in load(storage, f"outage/{schedule}").trials:
+            epochs = sorted(t.intermediate_values)  # what the trial reported, epoch by epoch
+            run_id = by_trial[(schedule, t.number)]
+            for key in ("train_loss", "val_mse", "lr"):
+                assert sorted(m.step for m in client.get_metric_history(run_id, key)) == epochs

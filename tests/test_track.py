@@ -3,14 +3,10 @@ file starts, stops in the middle of a run and starts again."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -119,63 +115,9 @@ def test_processes_starting_together_on_a_fresh_store_all_succeed(store, tmp_pat
 
 # --- a tracking server that goes away in the middle of a run -------------------------------------
 
-class Server:
-    """`mlflow server` on 127.0.0.1 with a SQLite store; can be stopped and started again."""
-
-    def __init__(self, root: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.root, self.url = root, f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner
-        with open(self.root / "server.log", "a") as log:
-            self.proc = subprocess.Popen(
-                [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-                cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)  # its own process group: uvicorn runs as a child
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        log = (self.root / "server.log").read_text()
-        raise RuntimeError(f"mlflow server did not start:\n{log}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)  # the server and its uvicorn worker
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        self.proc = None
-
-
-@pytest.fixture
-def server(tmp_path):
-    server = Server(tmp_path)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
-
-
-def test_a_server_outage_loses_no_point_and_does_not_stall_training(server, monkeypatch, capsys):
+def test_a_server_outage_loses_no_point_and_does_not_stall_training(mlflow_server, monkeypatch,
+                                                                   capsys):
+    server = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     monkeypatch.setenv("SWEEP_MLFLOW_WAIT_S", "120")  # a failing test ends, it does not hang
     client = mlflow.MlflowClient(server.url)
