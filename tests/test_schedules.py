@@ -17,7 +17,7 @@ from torch.optim import lr_scheduler as L
 
 from sweep import CONF_DIR
 from sweep.config import ConfigError, compose
-from sweep.report import lr_figure
+from sweep.plots import lr_figure
 from sweep.schedules import (
     Budget,
     available_schedules,

@@ -7,12 +7,10 @@ conf/config.yaml registers, runs the app's checks before Hydra creates the outpu
 from __future__ import annotations
 
 import copy
-import importlib
-import math
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +22,19 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sweep import CONF_DIR
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and what is allowed."""
+from sweep.data import validate_dataset
+from sweep.models import validate_model
+from sweep.optim import validate_optimizer
+from sweep.validation import (  # noqa: F401  (re-exported: callers import them from here)
+    ConfigError,
+    check_choice,
+    check_finite,
+    check_in_range,
+    check_int_at_least,
+    check_positive,
+    fail,
+    locate,
+)
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
@@ -69,11 +76,6 @@ def validate(cfg: DictConfig) -> None:
     needs the data (the schedule's lengths, the model's fit to the data, the files themselves)
     is checked by building the parts, before an MLflow run is opened (`sweep.__main__.run`).
     """
-    # Late: these modules import this one's helpers.
-    from sweep.data import validate_dataset
-    from sweep.models import validate_model
-    from sweep.optim import validate_optimizer
-
     t = cfg.trainer
     check_int_at_least("trainer.epochs", t.epochs, 1)
     check_int_at_least("trainer.batch_size", t.batch_size, 1)
@@ -170,63 +172,6 @@ def check_file(key: str, value: Any, what: str) -> None:
         fail(key, str(value), f"cannot be read; give {what}")
     if os.path.getsize(path) == 0:
         fail(key, str(value), f"is empty; give {what}")
-
-
-def locate(path: str) -> Any:
-    """The object a dotted path names (`torch.optim.SGD`), or ImportError/AttributeError.
-
-    Like Hydra's `get_method`, without the error it logs before raising: a refused `_target_`
-    stays one line.
-    """
-    parts = path.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            found = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for name in parts[i:]:
-            found = getattr(found, name)
-        return found
-    raise ImportError(f"no module named {parts[0]!r}")
-
-
-def fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
-
-
-def check_positive(key: str, value: Any) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-        fail(key, value, "must be a number > 0")
-
-
-def check_finite(key: str, value: Any, low: float = 0.0, *, low_open: bool = False) -> None:
-    """A finite number >= low (> low with `low_open`)."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number or not (value > low if low_open else value >= low) or not math.isfinite(value):
-        finite = "finite " if number and not math.isfinite(value) else ""
-        fail(key, value, f"must be a {finite}number {'>' if low_open else '>='} {low:g}")
-
-
-def check_int_at_least(key: str, value: Any, low: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        fail(key, value, f"must be an integer >= {low}")
-
-
-def check_in_range(key: str, value: Any, low: float, high: float, *, low_open: bool = True,
-                   high_open: bool = False) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (
-            value < high if high_open else value <= high)
-    if not ok:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        fail(key, value, f"must be in {lo}{low}, {high}{hi}")
-
-
-def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
-    choices = list(choices)
-    if value not in choices:
-        fail(key, value, "choose one of " + ", ".join(map(str, choices)))
 
 
 # --- overrides -----------------------------------------------------------------------------------

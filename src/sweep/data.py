@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torchvision.datasets.utils import extract_archive
 
-from sweep.config import ConfigError, check_in_range, check_int_at_least, fail, locate
+from sweep.validation import ConfigError, check_in_range, check_int_at_least, fail, locate
 
 
 class DataError(RuntimeError):

@@ -40,6 +40,7 @@ from sweep.config import (
 )
 from sweep.data import DataError, augment_batch
 from sweep.study_plan import override_text
+from sweep.track import mlflow_run, run_name
 from sweep.train import batches, setup
 
 # --- the range test ---------------------------------------------------------------------------
@@ -283,7 +284,6 @@ def run(cfg: DictConfig, out_dir: Path) -> LRFindResult:
     `out_dir`. `cfg` (with its `lr_find` group) is checked already."""
     import matplotlib.pyplot as plt
 
-    from sweep.track import mlflow_run, run_name
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with mlflow_run(cfg, run_name_=f"lr_find-{run_name(cfg)}", tags={"kind": "lr_find"}) as tracker:

@@ -8,8 +8,8 @@ from collections.abc import Mapping, Sequence
 import torch.nn as nn
 from torchvision import models as tv_models
 
-from sweep.config import check_choice, check_in_range, check_int_at_least, fail
 from sweep.data import Data, arguments_checked, check_arguments, instantiate_checked
+from sweep.validation import check_choice, check_in_range, check_int_at_least, fail
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,

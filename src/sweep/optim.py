@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sweep.config import ConfigError, check_finite, check_in_range, fail, locate
+from sweep.validation import ConfigError, check_finite, check_in_range, fail, locate
 
 OPTIMIZERS = {
     "torch.optim.SGD": "sgd",

@@ -1,4 +1,4 @@
-"""Plots and tables of runs and schedules (matplotlib's Agg canvas: no display, no pyplot state)."""
+"""The schedule-comparison report of a study read back from MLflow: tables, figures, the ranking."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import io
 import math
 import re
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,83 +20,8 @@ from omegaconf import DictConfig
 
 from sweep import CONF_DIR
 from sweep.config import ConfigError, check_choice, check_in_range, fail
-
-# --- learning-rate schedules ---------------------------------------------------------------------
-
-
-def _fractional_epochs(rows: list[dict[str, Any]]) -> list[float]:
-    """Epochs done at each row's step: epoch 3's 2nd of 4 steps is 2.25 (epochs count from 1)."""
-    per_epoch = Counter(r["epoch"] for r in rows)
-    first = {}
-    for r in rows:
-        first.setdefault(r["epoch"], r["step"])
-    return [r["epoch"] - 1 + (r["step"] - first[r["epoch"]]) / per_epoch[r["epoch"]] for r in rows]
-
-
-def lr_figure(rows_by_schedule: dict[str, list[dict[str, Any]]], x: str = "step", *,
-              log_y: bool = False, title: str | None = None) -> Figure:
-    """One line per schedule and parameter group: the lr applied at each optimizer step.
-
-    Rows are {step, epoch, group, lr} as `sweep.schedules.simulate` or the trainer's lr trace give
-    them; `x="epoch"` spreads each epoch's steps over it, so per-step schedules stay smooth.
-    """
-    if x not in ("step", "epoch"):
-        raise ValueError(f"x={x!r}: choose step or epoch")
-    fig = Figure(figsize=(8, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    several = len(rows_by_schedule) > 1
-    for name, rows in rows_by_schedule.items():
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            groups.setdefault(r["group"], []).append(r)
-        for group, g_rows in groups.items():
-            label = name if len(groups) == 1 else f"{name} / {group}" if several else group
-            xs = [r["step"] for r in g_rows] if x == "step" else _fractional_epochs(g_rows)
-            style = ("-", "--", ":", "-.")[len(ax.lines) // 10 % 4]  # colours repeat after 10
-            ax.plot(xs, [r["lr"] for r in g_rows], style, label=label, drawstyle="steps-post")
-    ax.set_xlabel("optimizer step" if x == "step" else "epoch")
-    ax.set_ylabel("learning rate")
-    if log_y:
-        ax.set_yscale("log")
-    ax.grid(True, alpha=0.3)
-    if len(ax.lines) > 6:  # beside the axes, where it hides no line
-        fig.set_size_inches(11, 4.5)
-        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1),
-                  ncols=2 if len(ax.lines) > 16 else 1)
-    elif ax.lines:
-        ax.legend(fontsize="small")
-    if title:
-        ax.set_title(title, fontsize="medium")
-    return fig
-
-
-# --- training curves -----------------------------------------------------------------------------
-
-
-def loss_figure(history: list[dict[str, Any]], metric_name: str,
-                title: str | None = None) -> Figure:
-    """Train and validation loss per epoch (log scale when they span decades), and the metric."""
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    loss_ax, metric_ax = fig.subplots(1, 2)
-    epochs = [h["epoch"] for h in history]
-    for key in ("train_loss", "val_loss"):
-        loss_ax.plot(epochs, [h[key] for h in history], marker=".", label=key)
-    losses = [h[k] for h in history for k in ("train_loss", "val_loss") if h[k] > 0]
-    if losses and max(losses) / min(losses) > 100:
-        loss_ax.set_yscale("log")
-    loss_ax.set(xlabel="epoch", ylabel="loss")
-    loss_ax.legend()
-    metric_ax.plot(epochs, [h[metric_name] for h in history], marker=".", color="C2")
-    metric_ax.set(xlabel="epoch", ylabel=metric_name)
-    for ax in (loss_ax, metric_ax):
-        ax.grid(True, alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if title:
-        fig.suptitle(title, fontsize="medium")
-    return fig
-
+from sweep.plots import lr_figure
+from sweep.track import use_store
 
 # --- the schedule-comparison report: `python -m sweep.report` -------------------------------------
 # Reads a study's runs back from MLflow (any study: the parent run and its children are all it
@@ -452,7 +376,6 @@ def write_report(cfg: DictConfig, out_dir: Path) -> Report:
 
     import mlflow
 
-    from sweep.track import use_store
 
     s = cfg.report
     client = mlflow.MlflowClient()

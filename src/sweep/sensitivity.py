@@ -48,6 +48,8 @@ from sweep.config import (
 )
 from sweep.data import DataError
 from sweep.study_plan import override_text, with_values
+from sweep.track import mlflow_run, tracking_uri, use_store
+from sweep.train import pick_device, train
 
 METRICS = ("train_loss", "val_loss", "val_mse")  # per-epoch losses: lower is better
 
@@ -314,8 +316,6 @@ def torch_threads(n: int | None) -> Iterator[None]:
 def run_grid(configs: dict[tuple[str, str], DictConfig], s: DictConfig, out_dir: Path
              ) -> list[Point]:
     """Train every grid point as a nested MLflow run (under the active parent run, if any)."""
-    from sweep.track import mlflow_run
-    from sweep.train import train
 
     runs = [(variant, value, float(lr), int(seed)) for variant, value in configs
             for lr in s.lrs for seed in s.seeds]
@@ -518,7 +518,6 @@ class StudyResult:
 def environment() -> str:
     import torch
 
-    from sweep.train import pick_device
 
     return (f"torch {torch.__version__}, device {pick_device('auto')}, {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}, {platform.platform()}")
@@ -531,7 +530,6 @@ def run_study(argv: Sequence[str], out_dir: Path, cfg: DictConfig | None = None
     composed from them); `cfg`: what they compose with conf/sensitivity.yaml, if known."""
     import matplotlib.pyplot as plt
 
-    from sweep.track import mlflow_run
 
     cfg = cfg if cfg is not None else compose(argv, "sensitivity")
     s = cfg.sensitivity
@@ -579,7 +577,6 @@ def stored_points(cfg: DictConfig) -> list[Point]:
     """`sensitivity.from_run`: the grid runs under that parent run, or a ConfigError."""
     from mlflow.exceptions import MlflowException
 
-    from sweep.track import tracking_uri, use_store
 
     use_store(cfg)
     try:

@@ -34,14 +34,18 @@ from sweep.config import (
     validate,
     with_choices,
 )
+from sweep.data import DataError, load_data
 from sweep.dburl import MissingDriver
 from sweep.launch import launch, threads_per_worker
+from sweep.lr_find import suggest_lr_bounds
+from sweep.schedules import search_space
 from sweep.study_optuna import grid_values, used_budget
 from sweep.study_plan import Plan, schedule_overrides, without_scheduler
 from sweep.study_report import Summary, summarize
 from sweep.study_storage import create_study, default_storage, is_journal, once
 from sweep.study_worker import Worker
-from sweep.track import flatten, run_tags, tracking_uri, use_store
+from sweep.track import Tracker, flatten, run_tags, tracking_uri, use_store
+from sweep.train import loss_and_metric
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
 PRUNERS = ("median", "halving", "hyperband", "none")
@@ -91,7 +95,6 @@ def validate_study(cfg: DictConfig) -> None:
 
 def schedule_space(argv: list[str], schedule: str, epochs: int) -> dict[str, dict]:
     """The schedule's declared search space, with every key checked against its composed config."""
-    from sweep.schedules import search_space
 
     known = sorted(p.stem for p in (CONF_DIR / "scheduler").glob("*.yaml"))
     if schedule not in known:
@@ -116,7 +119,6 @@ def schedule_space(argv: list[str], schedule: str, epochs: int) -> dict[str, dic
 def set_lr_bounds_from_range_test(cfg: DictConfig, spaces: dict[str, dict[str, dict]]) -> None:
     """`study.lr_bounds=auto`: an LR range test on the study's model and data sets every
     schedule's `optimizer.lr` range (log scale), instead of the range each schedule declares."""
-    from sweep.lr_find import suggest_lr_bounds
 
     low, high = suggest_lr_bounds(cfg)
     print(f"LR range test: searching optimizer.lr in [{low:.3g}, {high:.3g}]", flush=True)
@@ -127,8 +129,6 @@ def set_lr_bounds_from_range_test(cfg: DictConfig, spaces: dict[str, dict[str, d
 
 def make_plan(cfg: DictConfig, argv: list[str]) -> Plan:
     """Validate the study and the training config, and derive everything the workers need."""
-    from sweep.data import load_data
-    from sweep.train import loss_and_metric
 
     validate_study(cfg)
     validate(cfg)
@@ -186,7 +186,6 @@ def parent_run(cfg: DictConfig, worker: Worker) -> str | None:
     def create() -> str:
         import mlflow
 
-        from sweep.track import Tracker
 
         parent_cfg = OmegaConf.create(OmegaConf.to_container(cfg))
         with open_dict(parent_cfg):  # the study compares schedules; it has none of its own
@@ -254,7 +253,6 @@ def work_here(plan: Plan, worker: Worker) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sweep")
 def main(cfg: DictConfig) -> float | None:
     """Run the study the command line composes; returns the leader's mean (for sweepers)."""
-    from sweep.data import DataError
 
     hydra_cfg = HydraConfig.get()
     cfg = with_choices(cfg, hydra_cfg.runtime.choices)

@@ -24,10 +24,13 @@ from omegaconf import DictConfig
 
 from sweep import faults
 from sweep.dburl import sqlalchemy_url
+from sweep.plots import lr_figure
+from sweep.report import compare
 from sweep.study_optuna import best_trial, trial_state
 from sweep.study_plan import Plan, knob_overrides, rerun_command
 from sweep.study_storage import once
 from sweep.study_worker import Worker, confirmation_records
+from sweep.track import Tracker
 
 TALLY = ("complete", "pruned", "diverged", "failed")
 
@@ -100,7 +103,6 @@ def epochs_to(curve: list[float], target: float, maximize: bool) -> int | None:
 
 def verdict(ranked: list[Row], metric: str, maximize: bool) -> tuple[str | None, str]:
     """The winner, if the runner-up is worse than it by more than the seed-to-seed noise."""
-    from sweep.report import compare
 
     if not ranked:
         return None, "no schedule completed a trial: nothing to compare"
@@ -239,7 +241,6 @@ def curve_figures(rows: list[Row], metric: str) -> dict[str, Any]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from sweep.report import lr_figure
 
     fig = Figure(figsize=(7, 4), layout="constrained")
     FigureCanvasAgg(fig)
@@ -325,7 +326,6 @@ def publish(cfg: DictConfig, worker: Worker, summary: Summary, ranked: list[Row]
     if plan.parent_run_id:
         import mlflow
 
-        from sweep.track import Tracker
 
         mlflow.set_tracking_uri(plan.tracking_uri)
         parent = Tracker(plan.parent_run_id)

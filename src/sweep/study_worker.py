@@ -50,6 +50,7 @@ from sweep.study_storage import (
     worker_number,
 )
 from sweep.track import mlflow_run
+from sweep.train import train
 
 POLL_S = 1.0           # how often a worker with nothing to claim looks at the storage again
 WAIT_NOTE_S = 30.0     # how often a waiting worker says what it waits for
@@ -183,7 +184,6 @@ class Worker:
     def train_trial(self, study: optuna.Study, trial: optuna.Trial, schedule: str,
                     values: dict[str, Any]) -> tuple[float, str, int]:
         """Train with the sampled values in the trial's MLflow run: (value, state, epochs run)."""
-        from sweep.train import train
 
         plan = self.plan
         cfg = with_values(self.base(schedule), values)
@@ -260,7 +260,6 @@ class Worker:
 
     def run_confirmation(self, study: optuna.Study, item: FrozenTrial, schedule: str) -> None:
         """Train the best configuration with one seed as a child of the study's MLflow run."""
-        from sweep.train import train
 
         plan, started = self.plan, time.perf_counter()
         seed, values = item.user_attrs["seed"], item.user_attrs["values"]

@@ -446,7 +446,7 @@ class Tracker:
 
     def finish(self, result: Any) -> None:
         """Record how the run ended, its summary numbers and its curves as figures."""
-        from sweep.report import loss_figure, lr_figure
+        from sweep.plots import loss_figure, lr_figure
 
         self.set_tags({"status": result.status})
         summary = {f"best_{result.metric_name}": result.best_metric,

@@ -83,7 +83,6 @@ def loss_and_metric(cfg: DictConfig, data: Data) -> tuple[Callable, str, str]:
     name = t.loss if t.loss != "auto" else (
         "cross_entropy" if data.task == "classification" else "mse")
     if (name == "cross_entropy") != (data.task == "classification"):
-        from sweep.config import fail
         fail("trainer.loss", name, f"does not fit the {data.task} dataset {data.name!r}; use "
              + ("cross_entropy" if data.task == "classification" else "mse or huber"))
     if name == "cross_entropy":

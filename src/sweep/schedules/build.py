@@ -33,10 +33,10 @@ from torch.optim.lr_scheduler import (
     SequentialLR,
 )
 
-from sweep.config import ConfigError, check_choice, check_in_range, fail
 from sweep.schedules.checks import Rule, check_value, parse_rule
 from sweep.schedules.expressions import Multiplier, locate, one_line, own_function
 from sweep.schedules.lengths import INTERVALS, Budget, to_ticks
+from sweep.validation import ConfigError, check_choice, check_in_range, fail
 
 META_KEYS = ("interval", "warmup", "checks", "prepare", "search_space")
 RUNTIME = ("total_ticks", "interval", "steps_per_epoch")  # passed to the functions that take them

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sweep.config import check_choice, fail
+from sweep.validation import check_choice, fail
 
 KINDS = ("number", "numbers", "integer", "length", "lengths", "bool", "text")
 RULE_FORMS = ("a list of choices, or <kind> [in (low, high] | >= n | > n | <= n | < n] [or null], "

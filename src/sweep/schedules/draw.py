@@ -116,7 +116,7 @@ def write_csv(rows_by_schedule: dict[str, list[dict[str, Any]]], path: Path) -> 
 @hydra.main(config_path=str(CONF_DIR), config_name="schedules", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """`python -m sweep.schedules <overrides>`: lr_schedule.png and .csv in Hydra's output dir."""
-    from sweep.report import lr_figure  # late: matplotlib only for the CLI
+    from sweep.plots import lr_figure  # late: matplotlib only for the CLI
 
     hydra_cfg = HydraConfig.get()
     out = Path(hydra_cfg.runtime.output_dir)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sweep.config import fail
+from sweep.validation import fail
 
 Multiplier = Callable[[int], float]
 Env = Mapping[str, float]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import bisect
 import math
 
-from sweep.config import fail
 from sweep.schedules.expressions import Multiplier, multiplier
+from sweep.validation import fail
 
 
 def lambda_lr(lr_lambda: str, interval: str = "epoch", steps_per_epoch: int = 1) -> Multiplier:

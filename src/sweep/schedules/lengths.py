@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from sweep.config import check_int_at_least, fail
+from sweep.validation import check_int_at_least, fail
 
 INTERVALS = ("epoch", "step")
 LENGTH_FORMS = ('an int (ticks of the interval), "<n> epochs", "<n> steps", or a float in [0, 1] '

@@ -11,8 +11,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from sweep.config import fail
 from sweep.schedules.build import Run
+from sweep.validation import fail
 
 
 def plateau(args: dict[str, Any], run: Run) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sweep.config import check_choice, check_positive, fail
+from sweep.validation import check_choice, check_positive, fail
 
 SPACE_TYPES = ("float", "int", "categorical")
 _ABSENT = object()
