@@ -53,6 +53,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -346,6 +347,7 @@ def storage_alone(args: argparse.Namespace, tmp: Path, pg: Postgres) -> dict[str
     import contextlib
     import io
 
+    import sweep.study_worker
     import sweep.train
     from sweep.config import compose
     from sweep.study import make_plan
@@ -370,7 +372,10 @@ def storage_alone(args: argparse.Namespace, tmp: Path, pg: Postgres) -> dict[str
         sides[kind] = (worker, study)
     metric = plan.metric
 
+    replayed = []
+
     def replay(cfg, callback=None, tracker=None, output_dir=None) -> sweep.train.TrainResult:
+        replayed.append(1)
         rows = [{metric: 0.9} for _ in range(args.epochs)]
         for epoch, row in enumerate(rows, 1):
             if callback is not None and callback(epoch, row):
@@ -379,7 +384,11 @@ def storage_alone(args: argparse.Namespace, tmp: Path, pg: Postgres) -> dict[str
                                        direction="maximize", history=rows, best_metric=0.9)
 
     out: dict[str, list[float]] = {kind: [] for kind in sides}
-    real, sweep.train.train = sweep.train.train, replay
+    # train() replaced wherever the worker looks it up: its own module, or sweep.train's.
+    modules = [m for m in (sweep.study_worker, sweep.train) if hasattr(m, "train")]
+    real = [m.train for m in modules]
+    for module in modules:
+        module.train = replay
     affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {0})
     try:
@@ -391,9 +400,13 @@ def storage_alone(args: argparse.Namespace, tmp: Path, pg: Postgres) -> dict[str
                         started = time.perf_counter()
                         worker.run_trial(study, worker.take_slot(study, 10**6), "cosine")
                         took.append(time.perf_counter() - started)
+                        if not replayed:
+                            sys.exit("the worker trained for real: bench_scaling.py must "
+                                     "replace train() where sweep.study_worker looks it up")
                     out[kind].append(statistics.median(took))
     finally:
-        sweep.train.train = real
+        for module, fn in zip(modules, real, strict=True):
+            module.train = fn
         os.sched_setaffinity(0, affinity)
         for worker, _ in sides.values():
             if hasattr(worker.storage, "engine"):
@@ -439,6 +452,7 @@ def main() -> None:
     parser.add_argument("--cases", default="baseline,local,ray,postgres,mlflow")
     parser.add_argument("--keep", action="store_true", help="keep each case's directory and log")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup below
 
     have = sorted(os.sched_getaffinity(0))
     ns = [int(n) for n in args.workers.split(",")]

@@ -51,6 +51,7 @@ def main() -> None:
     import optuna
     import torch
 
+    import sweep.study_worker
     import sweep.train
     from sweep.config import compose
     from sweep.launch import threads_per_worker
@@ -117,7 +118,10 @@ def main() -> None:
     history = iter([[{plan.metric: v} for _, v in sorted(t.intermediate_values.items())]
                     for t in trials])
 
+    replayed = []
+
     def replay(cfg, callback=None, tracker=None, output_dir=None) -> sweep.train.TrainResult:
+        replayed.append(1)
         rows = next(history)
         for epoch, row in enumerate(rows, 1):
             if callback is not None and callback(epoch, row):
@@ -126,12 +130,20 @@ def main() -> None:
                                        direction=plan.direction, history=rows,
                                        best_metric=rows[-1][plan.metric])
 
-    real_train, sweep.train.train = sweep.train.train, replay
+    # train() replaced wherever the worker looks it up: its own module, or sweep.train's.
+    modules = [m for m in (sweep.study_worker, sweep.train) if hasattr(m, "train")]
+    real = [m.train for m in modules]
+    for module in modules:
+        module.train = replay
     try:
         optuna_s = [timed(lambda: parts.run_trial(parts_study, parts.take_slot(
             parts_study, budget), schedule))[0] for _ in trials]
     finally:
-        sweep.train.train = real_train
+        for module, fn in zip(modules, real, strict=True):
+            module.train = fn
+    if len(replayed) != len(trials):
+        sys.exit("the worker trained for real in the Optuna row: bench_study.py must replace "
+                 "train() where sweep.study_worker looks it up")
     epochs = [{"epoch": e, "train_loss": 0.1, "val_loss": 0.1, plan.metric: 0.9, "lr": 0.01,
                "grad_norm": 1.0, "epoch_time": 0.1} for e in range(1, plan.epochs + 1)]
     trial_cfg = with_values(base, values[0])
