@@ -13,7 +13,7 @@ import torch
 
 from sweep import CONF_DIR
 from sweep.config import ConfigError, compose, validate
-from sweep.data import DataError, load_data
+from sweep.data import DataError, declared_task, load_data
 from sweep.models import build_model
 from sweep.optim import build_optimizer
 
@@ -61,6 +61,8 @@ def dataset_or_skip(dataset: str, data_root: Path):
 def test_every_dataset_loads_and_feeds_some_model(dataset, data_root):
     data = dataset_or_skip(dataset, data_root)
     assert len(data.x_train) and len(data.x_val) and data.num_outputs >= 1
+    # what a study reads to pick its metric without loading the data
+    assert declared_task(compose([f"dataset={dataset}"]).dataset) == data.task
     fed = []
     for model in options("model"):
         try:

@@ -203,7 +203,7 @@ def test_evaluation_in_uneven_batches_equals_the_whole_split_at_once(loss):
            else config(f"trainer.loss={loss}"))
     data = load_data(cfg.dataset)
     model = build_model(cfg.model, data)
-    loss_fn, metric_name, _ = loss_and_metric(cfg, data)
+    loss_fn, metric_name, _ = loss_and_metric(cfg, data.task, data.name)
     got = evaluate(model, data, loss_fn, metric_name, torch.device("cpu"), None, batch_size=17)
 
     with torch.no_grad():

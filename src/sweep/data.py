@@ -139,6 +139,20 @@ def instantiate_checked(cfg: Mapping, group: str, **runtime: Any) -> Any:
         raise
 
 
+def task(kind: str) -> Callable[[Callable], Callable]:
+    """Declares what a dataset function returns ("regression" or "classification"), so the loss and
+    the metric a study optimises are known from the config without loading the data."""
+    def mark(fn: Callable) -> Callable:
+        fn.task = kind
+        return fn
+    return mark
+
+
+def declared_task(cfg_dataset: Mapping) -> str | None:
+    """The task the dataset's function declares with `@task`, or None for one that does not."""
+    return getattr(checked_target(cfg_dataset, "dataset"), "task", None)
+
+
 def load_data(cfg_dataset: Mapping) -> Data:
     """Build the dataset a `conf/dataset/*.yaml` describes (`_target_: sweep.data.<function>`)."""
     return instantiate_checked(cfg_dataset, "dataset")
@@ -201,6 +215,7 @@ def make_regression(n_samples: int, weights: Sequence[float], degree: int, bias:
     return x, y
 
 
+@task("regression")
 def synthetic_regression(n_samples: int = 1000, weights: Sequence[float] = (2, -1, 3, 1, 2),
                          degree: int = 2, bias: bool = False, noise: float = 0.01, seed: int = 0,
                          val_fraction: float = 0.3) -> Data:
@@ -220,6 +235,7 @@ def synthetic_regression(n_samples: int = 1000, weights: Sequence[float] = (2, -
                 num_outputs=1, name="synthetic_regression")
 
 
+@task("classification")
 def synthetic_classification(n_samples: int = 1000, n_features: int = 2, n_classes: int = 3,
                              class_sep: float = 4.0, std: float = 2.0, seed: int = 0,
                              val_fraction: float = 0.3) -> Data:
@@ -241,6 +257,7 @@ def synthetic_classification(n_samples: int = 1000, n_features: int = 2, n_class
 
 # --- image datasets ------------------------------------------------------------------------------
 
+@task("classification")
 def digits(val_fraction: float = 0.2, seed: int = 0, flatten: bool = False,
            augment: Mapping | None = None) -> Data:
     """scikit-learn's bundled 8x8 digits (1797 images, no download), normalised on train only."""
@@ -387,6 +404,7 @@ def _torchvision_data(name: str, cls_name: str, root: str | Path, archives: str 
                 num_outputs=int(labels.max()) + 1, name=name, augment=augment)
 
 
+@task("classification")
 def mnist(root: str | Path = "data", archives: str | Path | None = None, download: bool = False,
           val_fraction: float = 0.1, seed: int = 0, train_size: int | None = None,
           augment: Mapping | None = None) -> Data:
@@ -395,6 +413,7 @@ def mnist(root: str | Path = "data", archives: str | Path | None = None, downloa
                              train_size, augment)
 
 
+@task("classification")
 def fashion_mnist(root: str | Path = "data", archives: str | Path | None = None,
                   download: bool = False, val_fraction: float = 0.1, seed: int = 0,
                   train_size: int | None = None, augment: Mapping | None = None) -> Data:
@@ -403,6 +422,7 @@ def fashion_mnist(root: str | Path = "data", archives: str | Path | None = None,
                              val_fraction, seed, train_size, augment)
 
 
+@task("classification")
 def cifar10(root: str | Path = "data", archives: str | Path | None = None, download: bool = False,
             val_fraction: float = 0.1, seed: int = 0, train_size: int | None = None,
             augment: Mapping | None = None) -> Data:

@@ -34,7 +34,7 @@ from sweep.config import (
     validate,
     with_choices,
 )
-from sweep.data import DataError, load_data
+from sweep.data import DataError, declared_task, load_data
 from sweep.dburl import MissingDriver
 from sweep.launch import launch, threads_per_worker
 from sweep.lr_find import suggest_lr_bounds
@@ -142,7 +142,8 @@ def make_plan(cfg: DictConfig, argv: list[str]) -> Plan:
         for name, space in spaces.items():
             budget[name] = min(s["trials"], math.prod(len(grid_values(spec, s["grid_points"]))
                                                       for spec in space.values()))
-    _, metric, direction = loss_and_metric(cfg, load_data(cfg.dataset))
+    task = declared_task(cfg.dataset) or load_data(cfg.dataset).task
+    _, metric, direction = loss_and_metric(cfg, task, cfg.dataset._target_.rsplit(".", 1)[-1])
     out_dir = Path(s["output_dir"]).resolve()
     return Plan(argv=list(argv), settings=s, spaces=spaces, budget=budget, epochs=epochs,
                 metric=metric, direction=direction, storage=storage_url(s["storage"], out_dir),

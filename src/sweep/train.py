@@ -77,14 +77,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def loss_and_metric(cfg: DictConfig, data: Data) -> tuple[Callable, str, str]:
-    """The loss that fits the task, and the metric a sweep optimises."""
+def loss_and_metric(cfg: DictConfig, task: str, dataset: str) -> tuple[Callable, str, str]:
+    """The loss that fits the task, and the metric a sweep optimises (`data.task`, or the task the
+    dataset declares: a study learns its metric without loading the data)."""
     t = cfg.trainer
     name = t.loss if t.loss != "auto" else (
-        "cross_entropy" if data.task == "classification" else "mse")
-    if (name == "cross_entropy") != (data.task == "classification"):
-        fail("trainer.loss", name, f"does not fit the {data.task} dataset {data.name!r}; use "
-             + ("cross_entropy" if data.task == "classification" else "mse or huber"))
+        "cross_entropy" if task == "classification" else "mse")
+    if (name == "cross_entropy") != (task == "classification"):
+        fail("trainer.loss", name, f"does not fit the {task} dataset {dataset!r}; use "
+             + ("cross_entropy" if task == "classification" else "mse or huber"))
     if name == "cross_entropy":
         def loss_fn(out, y):
             return F.cross_entropy(out, y, label_smoothing=t.label_smoothing)
@@ -190,7 +191,7 @@ def setup(cfg: DictConfig) -> Setup:
     data = load_data(cfg.dataset)
     model = build_model(cfg.model, data).to(device)
     optimizer = build_optimizer(cfg.optimizer, model)
-    loss_fn, metric_name, direction = loss_and_metric(cfg, data)
+    loss_fn, metric_name, direction = loss_and_metric(cfg, data.task, data.name)
     budget = Budget(epochs=t.epochs, steps_per_epoch=data.steps_per_epoch(t.batch_size))
     on_device = data.nbytes <= t.device_data_max_mb * 2**20
     if on_device:
