@@ -5,7 +5,7 @@ ARGS ?=
 STORE ?= $(if $(MLFLOW_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
 .PHONY: help install run sweep schedules study-bn lr-find report test test-slow test-gpu bench \
-	bench-study ui server server-stop lint clean
+	bench-study ui ui-check server server-stop lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,8 +52,12 @@ bench: install  ## trainer overhead against a hand-written loop
 bench-study: install  ## the study's own cost per trial against training time
 	$(PY) scripts/bench_study.py
 
-ui: install  ## open the MLflow UI on the store runs log to
+ui: install  ## open the MLflow UI on the store runs log to (in "Model training" mode)
+	@echo "open http://127.0.0.1:5000 and switch the toggle at the top left to 'Model training'"
 	$(VENV)/bin/mlflow ui --backend-store-uri $(STORE)
+
+ui-check: install  ## a tiny study checked in headless Chromium; screenshots in ui-check/
+	$(PY) scripts/ui_check.py --out ui-check
 
 server: install  ## local PostgreSQL + MLflow server for many workers (.server/; prints the URLs)
 	VENV=$(VENV) scripts/server.sh start
@@ -65,4 +69,4 @@ lint: install  ## ruff
 	$(VENV)/bin/ruff check src tests scripts
 
 clean:  ## remove outputs, the local MLflow store and caches (keeps .venv)
-	rm -rf outputs multirun mlflow.db mlartifacts .pytest_cache .ruff_cache
+	rm -rf outputs multirun mlflow.db mlartifacts ui-check .pytest_cache .ruff_cache

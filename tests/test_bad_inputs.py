@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from sweep import CONF_DIR
 from sweep.__main__ import main, run
 from sweep.config import ConfigError, compose, validate
+from sweep.study import main as study_main
 from sweep.study_plan import override_text
 
 TRAINER = ["trainer.batch_size=50", "trainer.progress=false", "trainer.epochs=2"]
@@ -60,7 +61,8 @@ def finished(tmp_path_factory):
     run(more, output_dir=tmp / "more")
     shutil.copy(tmp / "more" / "checkpoint.pt", tmp / "epoch3.pt")
     (run_,) = store_state(uri)
-    assert run_[1:] == ("FINISHED", "completed", (1, 2, 3))
+    # Three epochs on 140 samples learn no more than the targets' mean: the run ends `stalled`.
+    assert run_[1:] == ("FINISHED", "stalled", (1, 2, 3))
     return {"uri": uri, "epoch2": tmp / "epoch2.pt", "epoch3": tmp / "epoch3.pt"}
 
 
@@ -330,7 +332,7 @@ def test_an_output_folder_that_cannot_exist(args, key, tmp_path, monkeypatch, ca
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
-# --- what only the data shows: before the MLflow run, never a FAILED one ---------------------
+# --- what only the data shows: before the output folder and the MLflow run ---------------------
 
 @pytest.mark.parametrize(("args", "message"), [
     (["scheduler=step", "scheduler.step_size=0"], "scheduler.step_size=0 is not allowed"),
@@ -346,6 +348,14 @@ def test_what_only_the_data_shows_is_refused_before_a_run_is_opened(
     base = ["model=mlp", *TRAINER] if any(a.startswith("dataset=") for a in args) else TINY
     line = refused_unchanged(monkeypatch, capsys, tmp_path, finished, args, base=base)
     assert line.startswith(message), line
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_study_refuses_what_only_the_data_shows_before_any_trial(tmp_path, monkeypatch, capsys):
+    line = refused(monkeypatch, capsys, tmp_path, ["study=tiny", "model=cnn",
+                   "dataset=synthetic_regression", "tracking=none"], module=study_main)
+    assert line.startswith("model='cnn' is not allowed: needs images (C, H, W)"), line
+    assert not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.skipif(not (ARCHIVES / "MNIST").is_dir(), reason=f"no archives in {ARCHIVES}")

@@ -1,6 +1,9 @@
 """End to end: `python -m sweep` in a subprocess, then the MLflow client reads back its run."""
 
+import csv
+import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -25,7 +28,8 @@ def run_cli(args, cwd, uri, command=(sys.executable, "-m", "sweep")):
 def test_a_run_logs_params_curves_tags_and_plots(tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     proc = run_cli([*TINY, f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, uri=uri)
-    assert "status: completed after 3 epochs" in proc.stdout
+    # Three epochs on 140 samples learn no more than the targets' mean: the run ends `stalled`.
+    assert "status: stalled after 3 epochs" in proc.stdout
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
@@ -34,7 +38,7 @@ def test_a_run_logs_params_curves_tags_and_plots(tmp_path):
     assert params["scheduler.step_size"] == "1" and params["trainer.epochs"] == "3"
     assert {k: tags[k] for k in ("model", "dataset", "optimizer", "scheduler", "bn", "status")} == {
         "model": "mlp", "dataset": "synthetic_regression", "optimizer": "sgd",
-        "scheduler": "step", "bn": "pre", "status": "completed"}
+        "scheduler": "step", "bn": "pre", "status": "stalled"}
     assert run.info.run_name == "mlp-synthetic_regression-sgd-step"
 
     for metric in ("train_loss", "val_loss", "val_mse", "lr", "grad_norm"):
@@ -51,6 +55,33 @@ def test_a_run_logs_params_curves_tags_and_plots(tmp_path):
     assert "config.yaml" in artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {
         "plots/loss.png", "plots/lr.png"}
+    # One-off numbers are tags, so the run's charts are all curves over epochs.
+    assert not {"best_val_mse", "best_epoch", "objective"} & set(run.data.metrics)
+    assert tags["best_epoch"] in ("1", "2", "3") and float(tags["best_val_mse"]) > 0
+
+
+def test_the_run_folder_holds_the_results_without_mlflow(tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli([*TINY, "tracking=none", f"hydra.run.dir={out}"], cwd=tmp_path, uri="")
+    assert f"run folder: {out}" in proc.stdout
+    assert not (tmp_path / "mlflow.db").exists()
+
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert {"train_loss", "val_loss", "val_mse", "lr", "grad_norm"} <= set(rows[0])
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.03, 0.015, 0.0075])
+
+    result = json.loads((out / "result.json").read_text())
+    assert f"status: {result['status']} after 3 epochs" in proc.stdout and result["epochs"] == 3
+    assert result["metric"] == "val_mse" and result["direction"] == "minimize"
+    assert result["final"]["val_mse"] == pytest.approx(float(rows[-1]["val_mse"]))
+    best = min(rows, key=lambda r: float(r["val_mse"]))
+    assert result["best"] == {"val_mse": pytest.approx(float(best["val_mse"])),
+                              "epoch": int(best["epoch"])}
+    assert result["mlflow_run_id"] is None and result["checkpoint"] is None
+    assert (out / ".hydra" / "config.yaml").is_file()
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["loss.png", "lr.png"]
 
 
 def test_default_store_is_sqlite_in_the_working_directory_and_any_cwd_works(tmp_path):
@@ -70,12 +101,28 @@ def test_the_console_script_and_multirun_grids(tmp_path):
     if script is None:
         pytest.skip("the `sweep` console script is not installed (pip install -e .)")
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    run_cli(["-m", *TINY, "trainer.epochs=1", "optimizer.lr=0.1,0.01",
-             f"hydra.sweep.dir={tmp_path / 'multi'}"], cwd=tmp_path, uri=uri,
-            command=(str(script),))
+    proc = run_cli(["-m", *TINY, "trainer.epochs=1", "optimizer.lr=0.1,0.01",
+                    f"hydra.sweep.dir={tmp_path / 'multi'}"], cwd=tmp_path, uri=uri,
+                   command=(str(script),))
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
     assert sorted(r.data.params["optimizer.lr"] for r in runs) == ["0.01", "0.1"]
+    # Each run's name says what the sweep varies; the TINY overrides every job shares do not.
+    assert sorted(r.info.run_name for r in runs) == ["mlp-synthetic_regression-lr=0.01",
+                                                     "mlp-synthetic_regression-lr=0.1"]
+
+    # One table across the jobs at the end, best (lowest val_mse) first, also as a CSV file.
+    with open(tmp_path / "multi" / "summary.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    finals = [float(r["final"]) for r in table]
+    assert finals == sorted(finals) and sorted(r["optimizer.lr"] for r in table) == ["0.01", "0.1"]
+    assert {r["mlflow_run"] for r in table} == {r.info.run_id for r in runs}
+    printed = proc.stdout[proc.stdout.index("2 runs, best first"):].splitlines()
+    assert printed[1].split("|")[2].strip() == "optimizer.lr"
+    assert [line.split("|")[2].strip() for line in printed[3:5]] == [
+        r["optimizer.lr"] for r in table]
+    # One bar for the multirun, none per run's epochs.
+    assert "multirun: 100%" in proc.stderr and "epochs:" not in proc.stderr
 
 
 def test_resuming_from_a_checkpoint_continues_the_same_mlflow_run(tmp_path):
@@ -84,14 +131,22 @@ def test_resuming_from_a_checkpoint_continues_the_same_mlflow_run(tmp_path):
     proc = run_cli([*common, "trainer.epochs=2", "trainer.checkpoint.every=1",
                     f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path, uri=uri)
     assert "after 2 epochs" in proc.stdout
-    run_cli([*common, "trainer.epochs=4", f"trainer.resume={tmp_path / 'a' / 'checkpoint.pt'}",
-             f"hydra.run.dir={tmp_path / 'b'}"], cwd=tmp_path, uri=uri)
+    checkpoint = tmp_path / "a" / "checkpoint.pt"
+    assert f"checkpoint: {checkpoint}" in proc.stdout
+    assert json.loads((tmp_path / "a" / "result.json").read_text())["checkpoint"] == str(
+        checkpoint)
+    # The run prints the command that trains on from its checkpoint; run it as printed.
+    (printed,) = [line for line in proc.stdout.splitlines() if line.startswith("train on")]
+    command = shlex.split(printed.split(": ", 1)[1])
+    assert command[:3] == ["python", "-m", "sweep"]
+    assert f"trainer.resume={checkpoint}" in command and "trainer.epochs=4" in command
+    run_cli([*command[3:], f"hydra.run.dir={tmp_path / 'b'}"], cwd=tmp_path, uri=uri)
 
     client = mlflow.MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
-    assert run.data.tags["status"] == "completed"
+    assert run.data.tags["status"] == "stalled"  # 4 short epochs learn no more than the mean
 
 
 @pytest.mark.parametrize(("module", "setting", "message"), [

@@ -23,6 +23,7 @@ from sweep.lr_find import (
     suggest,
     suggest_lr_bounds,
 )
+from sweep.train import train
 
 TINY = ["dataset=synthetic_regression", "model=mlp", "model.hidden=[4,4]", "optimizer=sgd",
         "optimizer.momentum=0", "trainer.batch_size=50", "trainer.progress=false", "seed=929"]
@@ -63,12 +64,12 @@ def test_a_curve_that_only_rises_suggests_its_start():
     assert suggest(lrs, lrs * 10) == (lrs[0], lrs[0])
 
 
-def test_bounds_span_two_decades_and_contain_both_suggestions():
-    low, high = bounds_from(LRFindResult(steepest=3e-3, lr_at_min=0.3))
-    assert (low, high) == pytest.approx((3e-4, 0.3))
-    low, high = bounds_from(LRFindResult(steepest=0.2, lr_at_min=0.3))  # steepest near the min
-    assert high / low == pytest.approx(100)
-    assert low < 0.03 < 0.2 < high
+def test_bounds_end_at_the_suggestion_a_safety_factor_below_the_minimum():
+    result = LRFindResult(steepest=3e-3, lr_at_min=0.3)
+    assert result.suggested == pytest.approx(0.1)  # the minimum / lr_find.safety (3)
+    assert bounds_from(result) == pytest.approx((3e-4, 0.1))  # down to a tenth of the steepest
+    low, high = bounds_from(LRFindResult(steepest=0.2, lr_at_min=0.3, safety=10))
+    assert (low, high) == pytest.approx((3e-4, 0.03))  # at least two decades below the top
 
 
 def test_settings_come_from_the_group_and_a_config_without_it_gets_the_groups_defaults():
@@ -85,6 +86,7 @@ def test_settings_come_from_the_group_and_a_config_without_it_gets_the_groups_de
     ("lr_find.max_lr=1e-7", "lr_find.max_lr=1e-07 is not allowed: must be above lr_find.min_lr"),
     ("lr_find.smoothing=1", "lr_find.smoothing=1 is not allowed: must be in [0.0, 1.0)"),
     ("lr_find.diverge=1", "lr_find.diverge=1 is not allowed: must be > 1"),
+    ("lr_find.safety=0.5", "lr_find.safety=0.5 is not allowed: must be >= 1"),
 ])
 def test_bad_settings_are_refused_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -115,7 +117,7 @@ def test_cli_logs_the_plot_and_prints_an_override(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_app(monkeypatch, [*TINY, "lr_find.steps=60", f"hydra.run.dir={tmp_path / 'out'}"])
     out = capsys.readouterr().out
-    assert "suggested (steepest descent):  optimizer.lr=" in out
+    assert "suggested:                     optimizer.lr=" in out
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
         "lr_find.png", "lr_find.csv", "summary.txt", ".hydra", "lr_find.log"}  # Hydra's folder
     run = mlflow.search_runs(experiment_names=["sweep"], output_format="list")[0]
@@ -145,3 +147,50 @@ def test_an_explosion_is_left_out_of_the_smoothing_so_it_cannot_hide_the_minimum
     steepest, lr_at_min = suggest(lrs[:cut], smooth(losses[:cut], 0.9))
     assert lrs[45] <= lr_at_min <= lrs[51]  # smoothed with the explosion, it would sit far left
     assert steepest < lr_at_min
+
+
+# --- the suggestion against a real grid of short runs -------------------------------------------
+
+def grid(overrides: list[str], lrs: list[float], seeds: list[int]) -> dict[float, list]:
+    """lr -> each seed's TrainResult of a short run at that constant lr."""
+    return {lr: [train(compose([*overrides, f"optimizer.lr={lr}", f"seed={seed}"]),
+                       output_dir=None) for seed in seeds] for lr in lrs}
+
+
+def check_against_grid(overrides: list[str], runs: dict[float, list], score) -> None:
+    """The suggestion lies within 3x of the grid's best lr; a short run at the upper bound
+    learns, and every grid lr where a run failed to learn lies above that bound."""
+    best = min(runs, key=lambda lr: sum(map(score, runs[lr])) / len(runs[lr]))
+    cfg = compose(overrides)  # the seed of the range test is the first of the grid's
+    low, high = suggest_lr_bounds(cfg)
+    suggested = high  # the suggestion is the top of the search range
+    assert best / 3 <= suggested <= best * 3, (suggested, best)
+    at_high = train(compose([*overrides, f"optimizer.lr={high}"]), output_dir=None)
+    assert at_high.status == "completed", (high, at_high.final)  # not diverged, not stalled
+    # Too small an lr may stall below the best; above it, failures start beyond the bound.
+    failed = [lr for lr, results in runs.items() if any(r.status != "completed" for r in results)]
+    assert all(lr > high for lr in failed if lr >= best), (failed, high)
+    assert low < high
+
+
+@pytest.mark.slow
+def test_on_the_digits_cnn_the_suggestion_is_near_the_grids_best_and_its_bound_still_learns(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # checkpoints and outputs of the grid runs
+    # The default CNN with SGD (momentum 0.9) and a cosine schedule; 3 epochs a run.
+    digits = ["dataset=digits", "model=cnn", "trainer.device=cpu", "trainer.epochs=3",
+              "trainer.progress=false", "tracking=none", "seed=0"]
+    runs = grid(digits, [0.01, 0.03, 0.1, 0.3, 1.0], seeds=[0])
+    assert runs[1.0][0].status == "stalled"  # the cliff: beyond it, accuracy stays at chance
+    check_against_grid(digits, runs, score=lambda r: -r.final["val_acc"])
+
+
+@pytest.mark.slow
+def test_on_the_articles_mlp_the_suggestion_is_near_the_grids_best_and_its_bound_still_learns(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # net_class3 without BN, plain SGD, batches of 50, the article's 40 epochs.
+    article = ["experiment=bn_sensitivity", "model.hidden=[4,4,4]", "tracking=none", "seed=929"]
+    runs = grid(article, [0.003, 0.01, 0.03, 0.1, 0.3], seeds=[929, 1, 2])
+    assert not any(r.status == "completed" for r in runs[0.3])  # the cliff: diverged or stuck
+    check_against_grid(article, runs, score=lambda r: r.final["train_eval_loss"])

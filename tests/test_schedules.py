@@ -614,7 +614,7 @@ def test_lr_figure_draws_one_line_per_schedule_and_group():
     assert len(ax.lines) == 4
     assert ax.get_xlabel() == "epoch" and ax.get_ylabel() == "learning rate"
     assert ax.get_yscale() == "log"
-    assert list(ax.lines[0].get_xdata()) == [0, 0.5, 1, 1.5, 2, 2.5]
+    assert list(ax.lines[0].get_xdata()) == [0, 0.5, 1, 1.5, 2, 2.5, 3]  # to the end of epoch 3
 
 
 def _read_csv(path):

@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from sweep.config import ConfigError, compose
+from sweep.report import write_report
 from sweep.study import main, make_plan, run_study
 from sweep.study_optuna import counts, grid_values, make_pruner, trial_state
 from sweep.study_plan import knob_overrides, with_values
-from sweep.study_report import Row, verdict
 from sweep.study_worker import Worker
 
 # 2 schedules x 2 trials x 2 epochs of a small MLP on 200 regression samples (3 steps per epoch).
@@ -93,10 +93,26 @@ def test_mlflow_holds_a_parent_with_nested_trials_and_the_summary(tracked):
         assert "optuna.trial" in run.data.tags and "optimizer.lr" in run.data.params
         assert len(client.get_metric_history(run.info.run_id, "val_mse")) >= 1
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"summary.md", "summary.csv", "plots", "best_overrides"} <= artifacts
+    assert {"summary.md", "summary.csv", "comparison.html", "plots", "best_overrides"} <= artifacts
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/optimization_history.png", "plots/best_val_curves.png",
-            "plots/best_lr_curves.png"} <= plots
+    # Optuna's plots one schedule at a time; the comparison's curves with every seed's lr.
+    assert {"plots/history_step.png", "plots/history_cosine.png", "plots/best_curves.png",
+            "plots/best_lr.png"} <= plots
+    assert parent.data.tags["leaders"] == ", ".join(tracked["first"].leaders)
+
+
+def test_the_study_summary_and_the_report_name_the_same_leaders(tracked, tmp_path):
+    summary = tracked["first"]
+    report = write_report(compose(["study=tiny", "report.log=false"], "report"), tmp_path)
+    assert report.comparison.leaders == summary.leaders and summary.leaders
+    assert report.comparison.winner == summary.winner
+    assert report.sentence == summary.verdict  # one pipeline, one sentence
+    for ours, theirs in zip(summary.comparison.groups, report.comparison.groups, strict=True):
+        assert (ours.name, ours.values) == (theirs.name, theirs.values)
+        assert ours.to_target == theirs.to_target
+        assert theirs.runs[0].steps_per_epoch == ours.runs[0].steps_per_epoch == 3
+    text = (tracked["out"] / "summary.md").read_text()
+    assert summary.verdict in text and "p (Holm)" in text
 
 
 def test_the_best_configuration_is_saved_as_a_command_python_m_sweep_reruns(tracked):
@@ -304,32 +320,6 @@ def test_bad_study_settings_fail_before_training_with_a_clear_message(overrides,
         main()
     assert exit_.value.code == 2 and f"sweep: error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "optuna.db").exists()
-
-
-def test_a_winner_is_named_only_when_it_leads_by_more_than_the_seed_noise():
-    def row(name, *values):
-        return Row(name, {}, runs=[{"seed": seed, "final": v, "status": "completed"}
-                                   for seed, v in enumerate(values, start=1)])
-
-    # Seed by seed, step trails cosine by 0.05-0.08: a paired t-test calls that beyond noise.
-    clear = [row("cosine", 0.95, 0.96, 0.97), row("step", 0.90, 0.91, 0.89)]
-    # Step is ahead on seed 3 and behind on seeds 1 and 2 by different amounts: noise.
-    close = [row("cosine", 0.95, 0.99, 0.91), row("step", 0.94, 0.93, 0.95)]
-    winner, line = verdict(clear, "val_acc", maximize=True)
-    assert winner == "cosine" and "paired t-test over 3 seeds" in line
-    winner, line = verdict(close, "val_acc", maximize=True)
-    assert winner is None and "within the seed-to-seed noise" in line
-    assert verdict([row("cosine", 0.9), row("step", 0.8)], "val_acc", True)[0] is None  # 1 seed
-    # Minimising: the lower mean leads, and the same gap is a win.
-    assert verdict([row("cosine", 0.05, 0.04, 0.03), row("step", 0.10, 0.09, 0.11)], "val_mse",
-                   maximize=False)[0] == "cosine"
-
-    # It agrees with the report read back from MLflow, which uses the same test.
-    from sweep.report import compare
-    for ranked in (clear, close):
-        seeds = [{r["seed"]: r["final"] for r in x.runs} for x in ranked]
-        assert compare(*seeds, maximize=True).beyond_noise == (
-            verdict(ranked, "val_acc", True)[0] is not None)
 
 
 def test_grid_values_span_the_declared_range():

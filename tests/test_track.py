@@ -13,7 +13,9 @@ import mlflow
 import pytest
 from omegaconf import OmegaConf
 
+from sweep.config import compose
 from sweep.track import KIND, KIND_TAG, Tracker, tracking_uri, use_store
+from sweep.train import train
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
 
@@ -37,13 +39,39 @@ def test_the_tracker_flushes_in_the_background_and_close_waits_for_the_writer(cl
     tracker = Tracker(run_id, flush_every_s=0.0)  # a flush after every epoch
     for epoch in range(1, 6):
         tracker.log_epoch(epoch, {"epoch": epoch, "train_loss": 1 / epoch, "lr": 0.1})
-    tracker.log_step(6, {"best_val_mse": 0.2})
+    tracker.log_step(6, {"step_loss": 0.2})
     tracker.close()
     history = client.get_metric_history(run_id, "train_loss")
     assert sorted((m.step, m.value) for m in history) == [(e, 1 / e) for e in range(1, 6)]
     assert client.get_run(run_id).data.metrics == {"train_loss": 0.2, "lr": 0.1,
-                                                   "best_val_mse": 0.2}
+                                                   "step_loss": 0.2}
     assert "epoch" not in client.get_run(run_id).data.metrics  # it is the step, not a metric
+
+
+def test_finish_keeps_one_off_numbers_out_of_the_charts_and_logs_the_runs_figures(client,
+                                                                                 tmp_path):
+    cfg = compose(["model=mlp", "dataset=synthetic_regression", "dataset.n_samples=200",
+                   "trainer.epochs=2", "trainer.batch_size=50", "trainer.progress=false",
+                   "tracking=none"])
+    result = train(cfg, output_dir=tmp_path / "run")
+    run_id = new_run(client)
+    tracker = Tracker(run_id, name="mlp-demo")
+    for row in result.history:
+        tracker.log_epoch(row["epoch"], row)
+    tracker.finish(result)
+    tracker.close()
+
+    run = client.get_run(run_id)
+    assert all(len(client.get_metric_history(run_id, k)) == 2 for k in run.data.metrics)
+    tags = run.data.tags
+    assert tags["status"] == result.status and tags["epochs"] == "2"
+    assert float(tags["best_val_mse"]) == pytest.approx(result.best_metric, rel=1e-5)
+    assert tags["best_epoch"] == str(result.best_epoch)
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/loss.png",
+                                                                         "plots/lr.png"}
+    # train() itself left the run's folder: every epoch's series and the result.
+    assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
+    assert (tmp_path / "run" / "result.json").is_file()
 
 
 def test_points_the_store_refuses_are_reported_at_close_not_retried(client):

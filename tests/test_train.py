@@ -6,12 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from sweep.config import ConfigError, compose
-from sweep.train import pick_amp, train
+from sweep.config import ConfigError, compose, validate
+from sweep.data import load_data
+from sweep.train import did_not_learn, pick_amp, setup, train
 
 REGRESSION = ["dataset=synthetic_regression", "dataset.n_samples=200", "model=mlp",
               "optimizer=sgd", "optimizer.momentum=0", "optimizer.lr=0.03", "scheduler=constant",
               "trainer.batch_size=50", "trainer.progress=false", "tracking=none", "seed=929"]
+
+
+# Enough data and BN for four epochs to learn more than the targets' mean (else: `stalled`).
+LEARNS = ["dataset.n_samples=1000", "model.bn=pre"]
 
 
 def config(*overrides: str):
@@ -19,7 +24,9 @@ def config(*overrides: str):
 
 
 def test_training_lowers_the_loss_and_reports_every_epoch(tmp_path):
-    result = train(config("trainer.epochs=6", "optimizer.lr=0.05"), output_dir=tmp_path)
+    # With BN, six epochs on 140 samples learn more than the targets' mean (without, it stalls).
+    result = train(config("trainer.epochs=6", "optimizer.lr=0.05", "model.bn=pre"),
+                   output_dir=tmp_path)
 
     assert result.status == "completed"
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5, 6]
@@ -117,6 +124,8 @@ def test_resume_continues_with_the_same_lrs_and_losses(tmp_path, scheduler):
     resumed = train(compose([*common, f"trainer.resume={checkpoint}"]), output_dir=tmp_path / "cut")
 
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4, 5]
+    assert resumed.initial == full.initial  # epoch 0 comes back with the checkpoint
+    assert resumed.status == full.status
     assert [r["lr"] for r in resumed.lr_trace] == [r["lr"] for r in full.lr_trace]
     for a, b in zip(resumed.history, full.history, strict=True):
         assert a["train_loss"] == b["train_loss"] and a["val_acc"] == b["val_acc"]
@@ -144,8 +153,8 @@ def test_per_layer_learning_rates_keep_their_ratio_under_a_schedule(tmp_path):
 
 def test_amp_defaults_off_on_cpu_and_bf16_trains_on_cpu(tmp_path):
     assert pick_amp("auto", torch.device("cpu")) is None
-    result = train(config("trainer.amp=bf16", "trainer.epochs=4", "optimizer.lr=0.05"),
-                   output_dir=tmp_path)
+    result = train(config("trainer.amp=bf16", "trainer.epochs=4", "optimizer.lr=0.05",
+                          *LEARNS), output_dir=tmp_path)
     assert result.status == "completed"
     assert all(math.isfinite(h["train_loss"]) for h in result.history)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
@@ -173,7 +182,7 @@ def test_a_loss_that_does_not_fit_the_task_is_refused(tmp_path):
 
 def test_data_too_large_for_the_device_goes_through_a_dataloader(tmp_path):
     result = train(config("trainer.device_data_max_mb=0", "trainer.num_workers=0",
-                          "trainer.epochs=4", "optimizer.lr=0.05"), output_dir=tmp_path)
+                          "trainer.epochs=4", "optimizer.lr=0.05", *LEARNS), output_dir=tmp_path)
     assert result.status == "completed"
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
 
@@ -204,13 +213,17 @@ def test_evaluation_in_uneven_batches_equals_the_whole_split_at_once(loss):
     data = load_data(cfg.dataset)
     model = build_model(cfg.model, data)
     loss_fn, metric_name, _ = loss_and_metric(cfg, data.task, data.name)
-    got = evaluate(model, data, loss_fn, metric_name, torch.device("cpu"), None, batch_size=17)
+    got = evaluate(model, data, loss_fn, metric_name, torch.device("cpu"), None, batch_size=17,
+                   train_split=True)
 
     with torch.no_grad():
         out = model.eval()(data.x_val)  # evaluate() left it training: the CNN has dropout
+        out_train = model(data.x_train)
     metric = ((out.argmax(1) == data.y_val).float().mean() if metric_name == "val_acc"
               else torch.nn.functional.mse_loss(out, data.y_val))
     assert got["val_loss"] == pytest.approx(loss_fn(out, data.y_val).item(), rel=1e-5)
+    assert got["train_eval_loss"] == pytest.approx(loss_fn(out_train, data.y_train).item(),
+                                                   rel=1e-5)
     assert got[metric_name] == pytest.approx(metric.item(), rel=1e-5)
     if loss == "huber":
         assert got["val_loss"] != pytest.approx(got["val_mse"])
@@ -230,3 +243,116 @@ def test_epoch_means_give_the_mean_loss_and_the_rms_of_the_total_gradient_norm()
     # Totals 5 and 0: the RMS is sqrt((25 + 0) / 2).
     assert epoch_means(losses, samples) == pytest.approx((3.0, math.sqrt(12.5)))
     assert math.isnan(epoch_means(losses, [])[1])
+
+
+# --- the loss over the training split in eval mode, and "did not learn" -------------------------
+
+@pytest.mark.parametrize("overrides", [
+    # BatchNorm: eval mode normalises with the running statistics, not the batch's.
+    [*REGRESSION, "model.bn=pre", "trainer.epochs=3"],
+    # Dropout; 1437 training images are two evaluation batches.
+    ["dataset=digits", "model=cnn", "optimizer.lr=0.05", "trainer.batch_size=256",
+     "trainer.epochs=1", "trainer.device=cpu", "trainer.progress=false", "tracking=none"],
+])
+def test_train_eval_loss_is_a_full_pass_over_the_training_split_in_eval_mode(tmp_path, overrides):
+    cfg = compose(overrides)
+    parts = setup(cfg)
+    result = train(cfg, output_dir=tmp_path, parts=parts)  # trains parts.model in place
+    untrained = setup(cfg)  # the same seed: the same initial weights and data
+
+    def full_pass(model: torch.nn.Module, data) -> float:
+        """The article's `mse_cal`: one forward pass over the whole split, in eval mode."""
+        model.eval()
+        with torch.no_grad():
+            return untrained.loss_fn(model(data.x_train), data.y_train).item()
+
+    assert [h["epoch"] for h in result.history] == list(range(1, cfg.trainer.epochs + 1))
+    assert result.history[-1]["train_eval_loss"] == pytest.approx(
+        full_pass(parts.model, parts.data), rel=1e-5)
+    # Epoch 0 is the loss at initialisation, before any step.
+    assert result.initial["train_eval_loss"] == pytest.approx(
+        full_pass(untrained.model, untrained.data), rel=1e-5)
+    assert result.history[-1]["train_eval_loss"] < result.initial["train_eval_loss"]
+
+
+def test_train_eval_loss_is_off_for_dataloader_sized_data_unless_asked_for(tmp_path):
+    big = ["trainer.device_data_max_mb=0", "trainer.num_workers=0", "trainer.epochs=2"]
+    auto = train(config(*big), output_dir=tmp_path)
+    asked = train(config(*big, "trainer.train_eval_loss=true"), output_dir=tmp_path)
+    off = train(config("trainer.train_eval_loss=false", "trainer.epochs=2"), output_dir=tmp_path)
+
+    assert all("train_eval_loss" not in h for h in auto.history + off.history)
+    assert "train_eval_loss" not in auto.initial and "val_loss" in auto.initial
+    assert all(h["train_eval_loss"] > 0 for h in asked.history)
+    # Measuring it draws no randomness: the training itself is the same with it or without.
+    on = train(config("trainer.epochs=2"), output_dir=tmp_path)
+    assert [h["train_loss"] for h in on.history] == [h["train_loss"] for h in off.history]
+
+
+@pytest.mark.parametrize("value", ["sometimes", 1])
+def test_train_eval_loss_takes_auto_true_or_false(value):
+    with pytest.raises(ConfigError, match=(
+            rf"trainer.train_eval_loss={value!r} is not allowed: choose auto, true or false")):
+        validate(config(f"trainer.train_eval_loss={value}"))
+
+
+ARTICLE = ["experiment=bn_sensitivity", "tracking=none", "trainer.epochs=10"]
+
+
+def test_a_run_that_only_learns_the_mean_ends_stalled_and_one_that_learns_completed(tmp_path):
+    # The article's MLP with momentum 0.9 at lr 0.03 settles on the targets' mean: far below
+    # its initial loss, which also paid for the mean's square, but no better than ignoring x.
+    stuck = train(compose([*ARTICLE, "optimizer.momentum=0.9", "optimizer.lr=0.03"]),
+                  output_dir=tmp_path)
+    learns = train(compose([*ARTICLE, "optimizer.lr=0.03"]), output_dir=tmp_path)
+
+    data = load_data(compose(ARTICLE).dataset)
+    mean_only = data.y_train.var(unbiased=False).item()  # the MSE of predicting the mean
+    assert stuck.status == "stalled"
+    assert stuck.final["train_eval_loss"] < 0.9 * stuck.initial["train_eval_loss"]
+    assert stuck.final["train_eval_loss"] > 0.9 * mean_only
+    assert learns.status == "completed"
+    assert learns.final["train_eval_loss"] < 0.9 * mean_only
+
+
+def test_a_tiny_lr_stalls_on_the_loss_and_chance_accuracy_stalls_a_classifier(tmp_path):
+    tiny = train(compose([*ARTICLE, "optimizer.lr=1e-6"]), output_dir=tmp_path)
+    assert tiny.status == "stalled"
+    assert tiny.final["train_eval_loss"] == pytest.approx(tiny.initial["train_eval_loss"],
+                                                          rel=1e-3)
+
+    digits = ["dataset=digits", "model=cnn", "trainer.device=cpu", "trainer.batch_size=256",
+              "trainer.epochs=2", "trainer.progress=false", "tracking=none"]
+    at_chance = train(compose([*digits, "optimizer.lr=1e-5"]), output_dir=tmp_path)
+    learned = train(compose([*digits, "optimizer.lr=0.2"]), output_dir=tmp_path)
+    assert at_chance.status == "stalled" and at_chance.final["val_acc"] < 0.25  # chance ~0.1
+    assert learned.status == "completed" and learned.final["val_acc"] > 0.5
+
+
+def test_the_stall_rule_needs_a_tenth_below_the_reference_and_a_tenth_above_chance():
+    baseline = {"loss": 30.0}
+    assert did_not_learn({"l": 27.5}, {"l": 80.0}, baseline, "l")  # 0.92 of the mean's loss
+    assert not did_not_learn({"l": 26.9}, {"l": 80.0}, baseline, "l")
+    assert did_not_learn({"l": 9.5}, {"l": 10.0}, baseline, "l")  # started below the mean's
+    assert did_not_learn({"l": math.nan}, {"l": 80.0}, baseline, "l")
+    chance = {"loss": 2.3, "val_acc": 0.1}
+    assert did_not_learn({"l": 1.0, "val_acc": 0.18}, {"l": 2.3}, chance, "l")  # < 0.1 + 0.09
+    assert not did_not_learn({"l": 1.0, "val_acc": 0.2}, {"l": 2.3}, chance, "l")
+
+
+def test_epoch_0_and_the_stalled_status_reach_mlflow(tmp_path, monkeypatch):
+    import mlflow
+
+    from sweep.__main__ import run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = compose(["experiment=bn_sensitivity", "trainer.epochs=3", "optimizer.lr=1e-6",
+                   "tracking=mlflow"])
+    result = run(cfg, output_dir=tmp_path / "run")
+
+    client = mlflow.MlflowClient()
+    history = sorted((m.step, m.value) for m in client.get_metric_history(
+        result.run_id, "train_eval_loss"))
+    assert [step for step, _ in history] == [0, 1, 2, 3]
+    assert history[0][1] == pytest.approx(result.initial["train_eval_loss"])
+    assert client.get_run(result.run_id).data.tags["status"] == "stalled"

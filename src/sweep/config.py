@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sweep import CONF_DIR
-from sweep.data import validate_dataset
+from sweep.data import DataError, validate_dataset
 from sweep.models import validate_model
 from sweep.optim import validate_optimizer
 from sweep.validation import (  # noqa: F401  (re-exported: callers import them from here)
@@ -92,6 +92,8 @@ def validate(cfg: DictConfig) -> None:
     check_int_at_least("trainer.grad_norm_every", t.grad_norm_every, 0)
     check_int_at_least("trainer.checkpoint.every", t.checkpoint.every, 0)
     check_int_at_least("trainer.num_workers", t.num_workers, 0)
+    if t.train_eval_loss != "auto" and not isinstance(t.train_eval_loss, bool):
+        fail("trainer.train_eval_loss", t.train_eval_loss, "choose auto, true or false")
     device = str(t.device)
     if device not in ("auto", "cpu", "mps") and not re.fullmatch(r"cuda(:\d+)?", device):
         fail("trainer.device", device, "choose auto, cpu, cuda, cuda:<index> or mps")
@@ -211,6 +213,6 @@ class ValidateFirst(Callback):
             cfg = with_choices(cfg, cfg.hydra.runtime.choices)
             for check in self.checks:
                 locate(check)(cfg)
-        except ConfigError as err:
+        except (ConfigError, DataError) as err:  # DataError: a dataset the checks could not load
             print(f"sweep: error: {err}", file=sys.stderr)
             sys.exit(2)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import inspect
+import json
 import math
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -154,8 +156,21 @@ def declared_task(cfg_dataset: Mapping) -> str | None:
 
 
 def load_data(cfg_dataset: Mapping) -> Data:
-    """Build the dataset a `conf/dataset/*.yaml` describes (`_target_: sweep.data.<function>`)."""
-    return instantiate_checked(cfg_dataset, "dataset")
+    """Build the dataset a `conf/dataset/*.yaml` describes (`_target_: sweep.data.<function>`).
+
+    The last dataset loaded is kept: an app's checks build the run's parts on its data before Hydra
+    creates the output folder, and the run, a multirun's next job or a sensitivity grid's next
+    point then reuse it. Dataset functions draw from their own seeded generators and nothing
+    modifies a Data in place, so the same config always gives the same tensors.
+    """
+    values = OmegaConf.to_container(cfg_dataset, resolve=True) if isinstance(
+        cfg_dataset, DictConfig) else dict(cfg_dataset)
+    return _load_cached(json.dumps(values, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=1)
+def _load_cached(cfg_json: str) -> Data:
+    return instantiate_checked(json.loads(cfg_json), "dataset")
 
 
 def validate_dataset(cfg_dataset: Mapping) -> None:
@@ -187,14 +202,19 @@ def _check_augment(augment: Mapping | None, in_shape: tuple[int, ...]) -> dict |
 
 def _split(x: Tensor, y: Tensor, val_fraction: float, generator: torch.Generator,
            train_size: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Seeded shuffle, then the first `val_fraction` of it is validation; the rest is training."""
+    """Seeded shuffle; training takes the front of it and validation the last `val_fraction`.
+
+    Training first, as `torch.utils.data.random_split(data, [n_train, n_val])` does: with the
+    generator in the state the BN article's global RNG is in, the article's `split_loader` gives
+    the same two splits.
+    """
     n = len(x)
     n_val = round(n * val_fraction)
     if not 0 < n_val < n:
         fail("dataset.val_fraction", val_fraction, f"must leave >= 1 sample in each split of {n}")
     perm = torch.randperm(n, generator=generator)
     # train_size trims only the training split, so val metrics stay comparable across sizes.
-    train, val = perm[n_val:][:train_size], perm[:n_val]
+    train, val = perm[:n - n_val][:train_size], perm[n - n_val:]
     return x[train], y[train], x[val], y[val]
 
 

@@ -41,9 +41,13 @@ def lr_figure(rows_by_schedule: dict[str, list[dict[str, Any]]], x: str = "step"
             groups.setdefault(r["group"], []).append(r)
         for group, g_rows in groups.items():
             label = name if len(groups) == 1 else f"{name} / {group}" if several else group
-            xs = [r["step"] for r in g_rows] if x == "step" else _fractional_epochs(g_rows)
+            ys = [r["lr"] for r in g_rows]
+            if x == "step":
+                xs = [r["step"] for r in g_rows]
+            else:  # the last step's lr holds until its epoch ends
+                xs, ys = _fractional_epochs(g_rows) + [g_rows[-1]["epoch"]], ys + ys[-1:]
             style = ("-", "--", ":", "-.")[len(ax.lines) // 10 % 4]  # colours repeat after 10
-            ax.plot(xs, [r["lr"] for r in g_rows], style, label=label, drawstyle="steps-post")
+            ax.plot(xs, ys, style, label=label, drawstyle="steps-post")
     ax.set_xlabel("optimizer step" if x == "step" else "epoch")
     ax.set_ylabel("learning rate")
     if log_y:
@@ -53,7 +57,7 @@ def lr_figure(rows_by_schedule: dict[str, list[dict[str, Any]]], x: str = "step"
         fig.set_size_inches(11, 4.5)
         ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1),
                   ncols=2 if len(ax.lines) > 16 else 1)
-    elif ax.lines:
+    elif len(ax.lines) > 1:  # one line needs no key: the title and axis say what it is
         ax.legend(fontsize="small")
     if title:
         ax.set_title(title, fontsize="medium")
@@ -65,7 +69,8 @@ def lr_figure(rows_by_schedule: dict[str, list[dict[str, Any]]], x: str = "step"
 
 def loss_figure(history: list[dict[str, Any]], metric_name: str,
                 title: str | None = None) -> Figure:
-    """Train and validation loss per epoch (log scale when they span decades), and the metric."""
+    """Train and validation loss per epoch (log scale when they span decades), and the metric;
+    each panel is titled with what it shows, the figure with `title` (the run)."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
     loss_ax, metric_ax = fig.subplots(1, 2)
@@ -79,9 +84,27 @@ def loss_figure(history: list[dict[str, Any]], metric_name: str,
     loss_ax.legend()
     metric_ax.plot(epochs, [h[metric_name] for h in history], marker=".", color="C2")
     metric_ax.set(xlabel="epoch", ylabel=metric_name)
+    loss_ax.set_title("loss", fontsize="medium")
+    metric_ax.set_title(metric_name, fontsize="medium")
     for ax in (loss_ax, metric_ax):
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize="medium")
     return fig
+
+
+def run_figures(result: Any, run: str) -> dict[str, Figure]:
+    """One run's figures by file name, titled with the run: `loss.png` (losses and the metric
+    per epoch) and `lr.png` (the lr each step applied, against epochs; log scale when it spans
+    decades). `result` is a `TrainResult`."""
+    figures = {}
+    if result.history:
+        figures["loss.png"] = loss_figure(result.history, result.metric_name,
+                                          title=f"{run}: loss and {result.metric_name}")
+    if result.lr_trace:
+        lrs = [r["lr"] for r in result.lr_trace]
+        decades = min(lrs) > 0 and max(lrs) / min(lrs) > 100
+        figures["lr.png"] = lr_figure({"lr": result.lr_trace}, x="epoch", log_y=decades,
+                                      title=f"{run}: learning rate")
+    return figures

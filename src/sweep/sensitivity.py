@@ -22,20 +22,19 @@ import re
 import shlex
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import hydra
-import numpy as np
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from sweep import CONF_DIR
+from sweep.compare import ALPHA, LEVEL
 from sweep.config import (
     ConfigError,
     check_choice,
@@ -47,161 +46,29 @@ from sweep.config import (
     with_choices,
 )
 from sweep.data import DataError
+from sweep.sensitivity_analysis import (
+    Point,
+    Summary,
+    conclusion,
+    fallback_note,
+    lr_curve_figure,
+    panels_figure,
+    sensitivity_figure,
+    summarize,
+    tables,
+)
 from sweep.study_plan import override_text, with_values
-from sweep.track import mlflow_run, tracking_uri, use_store
+from sweep.track import mlflow_run, summary_tags, tracking_uri, use_store
 from sweep.train import pick_device, train
 
-METRICS = ("train_loss", "val_loss", "val_mse")  # per-epoch losses: lower is better
-
-
-@dataclass
-class Point:
-    """One grid run: which variant, factor value, lr and seed, and its per-epoch metric."""
-
-    variant: str
-    value: str
-    lr: float
-    seed: int
-    status: str
-    curve: list[float]
-    run_id: str | None = None
-
-    @property
-    def final(self) -> float:
-        """The last epoch's value; a run that diverged counts as infinitely bad."""
-        if self.status == "diverged" or not self.curve or not math.isfinite(self.curve[-1]):
-            return math.inf
-        return self.curve[-1]
-
-
-@dataclass
-class Summary:
-    """One model's (variant x factor value) final loss at each lr, and how sensitive it is."""
-
-    variant: str
-    value: str
-    lrs: list[float]                 # ascending
-    finals: list[list[float]]        # per lr: each seed's final loss (inf = diverged)
-    geo_mean: list[float] = field(default_factory=list)   # per lr, over seeds (inf if any diverged)
-    log_std: list[float] = field(default_factory=list)    # per lr: std of log10 loss over seeds
-    diverged: list[int] = field(default_factory=list)     # per lr: runs that diverged
-    best_lr: float = math.nan
-    best_loss: float = math.nan
-    lr_spread: float = math.nan      # decades of loss between the best and the worst lr
-    lr_spread_se: float = math.nan   # its standard error from the seed spread
-    good_lrs: list[float] = field(default_factory=list)   # lrs within `margin` x the best loss
-    good_range: float = math.nan     # decades of lr from the lowest to the highest good lr
-    seed_spread: float = math.nan    # mean over lrs of log_std (decades)
-
-    @property
-    def label(self) -> str:
-        return f"{self.variant} {self.value}"
-
-    @property
-    def n_seeds(self) -> int:
-        return max(len(f) for f in self.finals)
-
-
-def summarize(points: Sequence[Point], margin: float) -> list[Summary]:
-    """Group runs by model and compute each model's sensitivity measures.
-
-    Losses span decades across lrs, so seeds are averaged in log space (a geometric mean) and
-    spreads are measured in decades (log10 units).
-    """
-    groups: dict[tuple[str, str], dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for p in points:
-        groups[p.variant, p.value][p.lr].append(p.final)
-    out = []
-    for (variant, value), by_lr in groups.items():
-        lrs = sorted(by_lr)
-        s = Summary(variant, value, lrs, [by_lr[lr] for lr in lrs])
-        logs = [np.log10(np.asarray(f, float)) for f in s.finals]
-        mean_log = np.array([x.mean() for x in logs])  # inf as soon as one seed diverged
-        s.geo_mean = (10 ** mean_log).tolist()
-        s.log_std = [float(x.std(ddof=1)) if len(x) > 1 and np.isfinite(x).all() else math.nan
-                     for x in logs]
-        s.diverged = [int(np.isinf(x).sum()) for x in logs]
-        se = np.array([sd / math.sqrt(len(x)) if len(x) > 1 else 0.0
-                       for sd, x in zip(s.log_std, logs, strict=True)])
-        best, worst = int(np.argmin(mean_log)), int(np.argmax(mean_log))
-        s.best_lr, s.best_loss = lrs[best], float(10 ** mean_log[best])
-        s.lr_spread = float(mean_log[worst] - mean_log[best])
-        s.lr_spread_se = float(math.hypot(se[best], se[worst]))
-        s.good_lrs = [lr for lr, m in zip(lrs, mean_log, strict=True)
-                      if m <= mean_log[best] + math.log10(margin)]
-        s.good_range = math.log10(max(s.good_lrs) / min(s.good_lrs)) if s.good_lrs else math.nan
-        finite_std = [v for v in s.log_std if math.isfinite(v)]
-        s.seed_spread = float(np.mean(finite_std)) if finite_std else math.nan
-        out.append(s)
-    return out
-
-
-def verdict(treated: Summary, base: Summary) -> str:
-    """`more`, `less` or `unclear`: is `treated` more lr-sensitive than `base`?
-
-    Compares the lr spreads; a difference counts only when larger than twice its standard error
-    from the seed spread (one seed gives no error bar, so any difference counts). A model that
-    diverged at some lr is maximally sensitive; if both did, the one with more diverged runs is.
-    """
-    t, b = treated.lr_spread, base.lr_spread
-    if math.isinf(t) or math.isinf(b):
-        if math.isinf(t) and math.isinf(b):
-            t, b = sum(treated.diverged), sum(base.diverged)
-            return "more" if t > b else "less" if t < b else "unclear"
-        return "more" if math.isinf(t) else "less"
-    noise = 2 * math.hypot(treated.lr_spread_se, base.lr_spread_se)
-    return "more" if t - b > noise else "less" if b - t > noise else "unclear"
-
-
-def conclusion(summaries: Sequence[Summary], factor: str, values: Sequence[str],
-               metric: str = "train_loss") -> str:
-    """One sentence per compared value, stating from the numbers whether it made models more or
-    less sensitive to the learning rate than the baseline value (the first of `values`)."""
-    by_key = {(s.variant, s.value): s for s in summaries}
-    variants = list(dict.fromkeys(s.variant for s in summaries))
-    base = str(values[0])
-    sentences = []
-    for value in map(str, values[1:]):
-        pairs = [(v, by_key[v, value], by_key[v, base]) for v in variants
-                 if (v, value) in by_key and (v, base) in by_key]
-        if not pairs:
-            continue
-        verdicts = {v: verdict(t, b) for v, t, b in pairs}
-        kinds = set(verdicts.values())
-        subject = "the model" if len(pairs) == 1 else "the models"
-        if kinds == {"more"} or kinds == {"less"}:
-            head = (f"Here {factor}={value} made {subject} {kinds.pop()} sensitive to the "
-                    f"learning rate than {factor}={base}")
-        elif kinds == {"unclear"}:
-            head = (f"Here {factor}={value} made no clear difference to how sensitive {subject} "
-                    f"were to the learning rate, compared with {factor}={base}")
-        else:
-            parts = [f"made {', '.join(v for v, k in verdicts.items() if k == kind)} {kind} "
-                     "sensitive to the learning rate" for kind in ("more", "less")
-                     if kind in kinds]
-            if "unclear" in kinds:
-                parts.append("made no clear difference for "
-                             + ", ".join(v for v, k in verdicts.items() if k == "unclear"))
-            head = (f"Here, compared with {factor}={base}, {factor}={value} had mixed effects: "
-                    f"it {' and '.join(parts)}")
-        evidence = "; ".join(
-            f"{v}: final {metric} varied {fmt(t.lr_spread)} ± {fmt(t.lr_spread_se)} vs "
-            f"{fmt(b.lr_spread)} ± {fmt(b.lr_spread_se)} decades across the lrs, good-lr range "
-            f"{fmt(t.good_range)} vs {fmt(b.good_range)} decades, best {t.best_loss:.3g} vs "
-            f"{b.best_loss:.3g}" for v, t, b in pairs)
-        n = min(min(t.n_seeds, b.n_seeds) for _, t, b in pairs)
-        seeds = f"{n} seeds" if n > 1 else "1 seed, so no error bars"
-        sentences.append(f"{head} ({evidence}; {seeds}).")
-    return " ".join(sentences)
+# Per-epoch losses (lower is better). train_eval_loss is the BN article's curve: the loss over the
+# whole training split in eval mode, with its value at initialisation (epoch 0) for the cap.
+METRICS = ("train_eval_loss", "train_loss", "val_loss", "val_mse")
 
 
 def metric_key(measure: str, s: Summary) -> str:
-    """`lr_spread.mlp3.pre`: MLflow allows only letters, digits and _ - . / and spaces in names."""
+    """`lr_sensitivity.mlp3.pre`: MLflow allows only letters, digits and _ - . / and spaces."""
     return re.sub(r"[^\w./ -]", "_", f"{measure}.{s.variant}.{s.value}")
-
-
-def fmt(x: float) -> str:
-    return "inf" if math.isinf(x) else "n/a" if math.isnan(x) else f"{x:.2f}"
 
 
 # --- checking and running the grid ---------------------------------------------------------------
@@ -313,33 +180,42 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_grid(configs: dict[tuple[str, str], DictConfig], s: DictConfig, out_dir: Path
-             ) -> list[Point]:
+def run_grid(configs: dict[tuple[str, str], DictConfig], s: DictConfig, out_dir: Path,
+             device: str) -> list[Point]:
     """Train every grid point as a nested MLflow run (under the active parent run, if any)."""
 
     runs = [(variant, value, float(lr), int(seed)) for variant, value in configs
             for lr in s.lrs for seed in s.seeds]
     short = s.factor.split(".")[-1]
     points = []
-    for i, (variant, value, lr, seed) in enumerate(runs, 1):
-        cfg = with_values(configs[variant, value], {s.lr_key: lr, "seed": seed})
+    bar = tqdm(runs, desc="sensitivity", unit="run", dynamic_ncols=True)  # one bar, all runs
+    for variant, value, lr, seed in bar:
+        cfg = with_values(configs[variant, value], {s.lr_key: lr, "seed": seed,
+                                                    "trainer.progress": False})
         name = f"{variant}-{short}={value}-lr={lr:g}-seed={seed}"
         tags = {"phase": "sensitivity", "variant": variant, "factor": s.factor, "value": value,
                 "lr": override_text(lr), "seed": str(seed)}
+        tags["device"] = device
         with mlflow_run(cfg, run_name_=name, nested=True, tags=tags) as tracker:
-            result = train(cfg, tracker=tracker, output_dir=out_dir)
+            # Each run its own folder: train() leaves metrics.csv and result.json there.
+            result = train(cfg, tracker=tracker, output_dir=out_dir / "runs" / name)
             if tracker is not None:
                 if cfg.tracking.get("log_plots", False):
                     tracker.finish(result)
                 else:
-                    tracker.set_tags({"status": result.status})
+                    tracker.set_tags(summary_tags(result))
         if result.history and s.metric not in result.history[0]:
-            fail("sensitivity.metric", s.metric, f"these runs log {result.metric_name}, not "
-                 f"{s.metric}; choose train_loss or val_loss")
+            logged = ", ".join(k for k in METRICS if k in result.history[0])
+            hint = ("; or set trainer.train_eval_loss=true (auto measures it only for data that "
+                    "lives on the device)" if s.metric == "train_eval_loss" else "")
+            fail("sensitivity.metric", s.metric, f"these runs log {logged}, not "
+                 f"{s.metric}{hint}")
         curve = [h[s.metric] for h in result.history]
-        points.append(Point(variant, value, lr, seed, result.status, curve, result.run_id))
-        print(f"[{i}/{len(runs)}] {name}: {result.status}, final {s.metric} "
-              f"{points[-1].final:.4g}", flush=True)
+        points.append(Point(variant, value, lr, seed, result.status, curve,
+                            result.initial.get(s.metric), result.run_id))
+        # On the one bar: a line per run would scroll the bar away.
+        bar.set_postfix_str(f"{name}: {result.status}, final {s.metric} "
+                            f"{points[-1].final:.4g}")
     return points
 
 
@@ -357,150 +233,23 @@ def points_from_store(parent_run_id: str, metric: str) -> list[Point]:
         if tags.get("phase") != "sensitivity":
             continue
         history = sorted(client.get_metric_history(r.info.run_id, metric), key=lambda m: m.step)
+        initial = next((m.value for m in history if m.step == 0), None)  # epoch 0, if logged
         points.append(Point(tags["variant"], tags["value"], float(tags["lr"]), int(tags["seed"]),
-                            tags.get("status", "unknown"), [m.value for m in history],
-                            r.info.run_id))
+                            tags.get("status", "unknown"),
+                            [m.value for m in history if m.step >= 1], initial, r.info.run_id))
     if not points:
         raise ConfigError(f"sensitivity.from_run={parent_run_id!r}: no grid runs under that run")
     return points
 
 
-# --- figures and tables -------------------------------------------------------------------------
-
-def loss_axis(ax: Any, values: Sequence[float]) -> None:
-    """A log axis when the values span more than a decade and a half, with plain numbers."""
-    from matplotlib.ticker import ScalarFormatter
-
-    finite = [v for v in values if math.isfinite(v) and v > 0]
-    if finite and max(finite) / min(finite) > 30:
-        ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(ScalarFormatter())  # 20, not 2 x 10^1
-
-
-def _styles(points: Sequence[Point]) -> dict[tuple[str, str], dict[str, Any]]:
-    """Colour per variant, line style per factor value, stable across figures."""
-    variants = list(dict.fromkeys(p.variant for p in points))
-    values = list(dict.fromkeys(p.value for p in points))
-    dashes = ["-", "--", ":", "-."]
-    return {(v, x): {"color": f"C{i % 10}", "ls": dashes[j % 4]}
-            for i, v in enumerate(variants) for j, x in enumerate(values)}
-
-
-def panels_figure(points: Sequence[Point], factor: str, metric: str = "train_loss"):
-    """The article's figure: one panel per lr, each model's loss curve (median over seeds, with
-    the min-max band when there are several)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    styles = _styles(points)
-    lrs = sorted({p.lr for p in points}, reverse=True)  # the article's order: 0.1 first
-    cols = 2 if len(lrs) > 1 else 1
-    rows = math.ceil(len(lrs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False,
-                             sharex=True)
-    short = factor.split(".")[-1]
-    for ax, lr in zip(axes.flat, lrs, strict=False):
-        by_model: dict[tuple[str, str], list[list[float]]] = defaultdict(list)
-        for p in points:
-            if p.lr == lr:
-                by_model[p.variant, p.value].append(p.curve)
-        for key, curves in by_model.items():
-            length = max(len(c) for c in curves)
-            grid_ = np.full((len(curves), length), np.nan)
-            for i, c in enumerate(curves):
-                grid_[i, :len(c)] = c
-            grid_[~np.isfinite(grid_)] = np.nan
-            epochs = np.arange(1, length + 1)
-            ax.plot(epochs, np.nanmedian(grid_, 0), lw=1.6, label=f"{key[0]} {short}={key[1]}",
-                    **styles[key])
-            if len(curves) > 1:
-                ax.fill_between(epochs, np.nanmin(grid_, 0), np.nanmax(grid_, 0), alpha=0.15,
-                                color=styles[key]["color"])
-        ax.set_title(f"lr = {lr:g}")
-        loss_axis(ax, [v for p in points for v in p.curve])
-        ax.set_ylabel(metric)
-        ax.grid(True, which="both", alpha=0.3)
-    for ax in axes.flat[len(lrs):]:
-        ax.set_visible(False)
-    for ax in axes[-1]:
-        ax.set_xlabel("epoch")
-    axes.flat[0].legend(fontsize=8)
-    n = len({p.seed for p in points})
-    fig.suptitle(f"{metric} per epoch at each learning rate"
-                 + (f" (median and range over {n} seeds)" if n > 1 else ""))
-    fig.tight_layout()
-    return fig
-
-
-def lr_curve_figure(summaries: Sequence[Summary], points: Sequence[Point], factor: str,
-                    metric: str = "train_loss"):
-    """The learning curve of the learning rate: final loss against lr for each model, the
-    geometric mean over seeds with each seed's value as a dot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    styles = _styles(points)
-    short = factor.split(".")[-1]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for k, s in enumerate(summaries):
-        style = styles[s.variant, s.value]
-        # Nudge each model sideways a little so dots at the same lr do not hide each other.
-        nudge = 10 ** (0.015 * (k - (len(summaries) - 1) / 2))
-        xs = [lr * nudge for lr in s.lrs]
-        ax.plot(xs, s.geo_mean, marker="o", lw=1.6, label=f"{s.variant} {short}={s.value}",
-                **style)
-        for x, finals in zip(xs, s.finals, strict=True):
-            ok = [f for f in finals if math.isfinite(f)]
-            ax.scatter([x] * len(ok), ok, s=12, alpha=0.5, color=style["color"])
-    ax.set_xscale("log")
-    ax.set_xticks(sorted({p.lr for p in points}), [f"{lr:g}" for lr in sorted({p.lr for p in
-                                                                                points})])
-    ax.minorticks_off()
-    loss_axis(ax, [f for s in summaries for finals in s.finals for f in finals])
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"final {metric}")
-    ax.set_title("final loss against learning rate (line: geometric mean over seeds)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def tables_markdown(summaries: Sequence[Summary], factor: str, margin: float,
-                    metric: str = "train_loss") -> str:
-    """A summary table of the sensitivity measures, then one table per model of loss per lr."""
-    short = factor.split(".")[-1]
-    lines = [
-        f"| model | best lr | best final {metric} | lr spread (decades) | "
-        f"good-lr range (decades, within {margin:g}x best) | seed spread (decades) | diverged |",
-        "|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        lines.append(f"| {s.variant} {short}={s.value} | {s.best_lr:g} | {s.best_loss:.4g} | "
-                     f"{fmt(s.lr_spread)} ± {fmt(s.lr_spread_se)} | {fmt(s.good_range)} "
-                     f"({', '.join(f'{lr:g}' for lr in s.good_lrs)}) | {fmt(s.seed_spread)} | "
-                     f"{sum(s.diverged)}/{sum(len(f) for f in s.finals)} |")
-    for s in summaries:
-        lines += ["", f"**{s.variant} {short}={s.value}**", "",
-                  f"| lr | final {metric} (geometric mean) | min | max | seed spread (decades) "
-                  "| diverged | good |", "|---|---|---|---|---|---|---|"]
-        for i, lr in enumerate(s.lrs):
-            finals = s.finals[i]
-            lines.append(f"| {lr:g} | {s.geo_mean[i]:.4g} | {min(finals):.4g} | "
-                         f"{max(finals):.4g} | {fmt(s.log_std[i])} | {s.diverged[i]}/{len(finals)} "
-                         f"| {'yes' if lr in s.good_lrs else ''} |")
-    return "\n".join(lines)
-
-
 def runs_csv(points: Sequence[Point]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["variant", "value", "lr", "seed", "status", "final", "epochs", "run_id"])
+    writer.writerow(["variant", "value", "lr", "seed", "status", "final", "initial", "capped",
+                     "epochs", "run_id"])
     for p in points:
         writer.writerow([p.variant, p.value, p.lr, p.seed, p.status, f"{p.final:.6g}",
+                         "" if p.initial is None else f"{p.initial:.6g}", f"{p.capped:.6g}",
                          len(p.curve), p.run_id or ""])
     return buf.getvalue()
 
@@ -513,6 +262,16 @@ class StudyResult:
     output_dir: Path
     parent_run_id: str | None
     seconds: float
+
+
+def describe_device(name: str) -> str:
+    """The device runs train on, named the way timings need it (the GPU's model, or the cores)."""
+    import torch
+
+    device = pick_device(name)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"{device.type} ({os.cpu_count()} CPUs)" if device.type == "cpu" else device.type
 
 
 def environment() -> str:
@@ -528,9 +287,6 @@ def run_study(argv: Sequence[str], out_dir: Path, cfg: DictConfig | None = None
     """Check, train the grid under one parent MLflow run, analyse the stored runs, and write and
     log the figures, tables and conclusion. `argv`: the command's overrides (each grid point is
     composed from them); `cfg`: what they compose with conf/sensitivity.yaml, if known."""
-    import matplotlib.pyplot as plt
-
-
     cfg = cfg if cfg is not None else compose(argv, "sensitivity")
     s = cfg.sensitivity
     check(cfg)
@@ -539,12 +295,13 @@ def run_study(argv: Sequence[str], out_dir: Path, cfg: DictConfig | None = None
     else:
         configs = point_configs(argv, s)
     out_dir.mkdir(parents=True, exist_ok=True)
+    device = describe_device(cfg.trainer.device)
     started = time.perf_counter()
     tags = {"kind": "sensitivity", "factor": s.factor}
     with torch_threads(s.threads), mlflow_run(cfg, run_name_=s.name, tags=tags,
                                               run_id=s.from_run) as parent:
         if not s.from_run:
-            points = run_grid(configs, s, out_dir)
+            points = run_grid(configs, s, out_dir, device)
             if parent is not None:  # analyse what the store holds, not what this process has
                 points = points_from_store(parent.run_id, s.metric)
         points = in_grid_order(points, s)
@@ -552,11 +309,11 @@ def run_study(argv: Sequence[str], out_dir: Path, cfg: DictConfig | None = None
         summaries = summarize(points, s.margin)
         text = conclusion(summaries, s.factor, labels(s), s.metric)
         figures = {"lr_panels.png": panels_figure(points, s.factor, s.metric),
-                   "lr_curve.png": lr_curve_figure(summaries, points, s.factor, s.metric)}
-        report = markdown(s, summaries, text, list(figures), argv, seconds, len(points))
+                   "lr_curve.png": lr_curve_figure(summaries, points, s.factor, s.metric),
+                   "lr_sensitivity.png": sensitivity_figure(summaries, s.factor, s.metric)}
+        report = markdown(s, points, summaries, text, list(figures), argv, seconds, device)
         for name, fig in figures.items():
             fig.savefig(out_dir / name, dpi=120)
-            plt.close(fig)
         (out_dir / "sensitivity.md").write_text(report)
         (out_dir / "runs.csv").write_text(runs_csv(points))
         if parent is not None:
@@ -564,11 +321,12 @@ def run_study(argv: Sequence[str], out_dir: Path, cfg: DictConfig | None = None
                 parent.log_artifact(out_dir / name, "plots")
             parent.log_artifact(out_dir / "sensitivity.md")
             parent.log_artifact(out_dir / "runs.csv")
-            parent.set_tags({"conclusion": text[:4900], "status": "completed"})
-            parent.log_step(0, {metric_key(m, x): getattr(x, m)
-                                for x in summaries for m in ("lr_spread", "good_range",
-                                                             "seed_spread", "best_loss")
-                                if math.isfinite(getattr(x, m))})
+            parent.set_tags({"conclusion": text[:4900], "status": "completed",
+                             "metric": s.metric})
+            parent.log_step(0, {metric_key(name, x): value for x in summaries for name, value in (
+                ("lr_sensitivity", x.sensitivity.mean), ("good_range", x.good_range),
+                ("seed_spread", x.seed_spread), ("best_loss", x.best_loss))
+                if math.isfinite(value)})
     return StudyResult(points, summaries, text, out_dir,
                        parent.run_id if parent is not None else None, seconds)
 
@@ -586,24 +344,30 @@ def stored_points(cfg: DictConfig) -> list[Point]:
              f"no such run in {tracking_uri(cfg)}")
 
 
-def markdown(s: DictConfig, summaries: Sequence[Summary], text: str, figures: Sequence[str],
-             argv: Sequence[str], seconds: float, n_runs: int) -> str:
+def markdown(s: DictConfig, points: Sequence[Point], summaries: Sequence[Summary], text: str,
+             figures: Sequence[str], argv: Sequence[str], seconds: float, device: str) -> str:
     command = " ".join(["python -m sweep.sensitivity", *map(shlex.quote, argv)])
     return "\n".join([
-        f"# Learning-rate sensitivity: {s.factor} in {labels(s)}", "",
+        f"# Learning-rate sensitivity of {s.metric}: {s.factor} in {labels(s)}", "",
         f"`{command}`", "",
         "## Conclusion", "", text, "",
         "## Figures", "", *(f"![{f}]({f})" for f in figures), "",
         "## Tables", "",
-        f"Final {s.metric} is the last epoch's value, averaged over seeds in log space (geometric "
-        "mean); a diverged run counts as infinite. lr spread = decades of loss between the best "
-        f"and the worst lr (± standard error from the seeds); good-lr range = decades of lr whose "
-        f"loss is within {s.margin:g}x the best; seed spread = std over seeds of log10 loss.", "",
-        tables_markdown(summaries, s.factor, s.margin, s.metric), "",
+        f"Metric: {s.metric}, the last epoch's value. LR sensitivity (Wortsman et al. 2023): per "
+        "seed, the mean over the lrs of (final loss - the best final loss over the lrs), each "
+        "final loss capped at the loss at initialisation, so a diverged run counts as no better "
+        f"than where it started; then the mean over seeds with its {LEVEL:.0%} Student t "
+        f"interval. Good-lr range = decades of lr whose mean capped loss is within {s.margin:g}x "
+        "the best; seed spread = std over seeds of log10 of the capped loss, averaged over the "
+        "lrs. Learned = final loss at most 0.9x the loss at initialisation and not tagged "
+        f"stalled. A difference between values is clear when its paired t-test over seeds, "
+        f"Holm-corrected across the variants, gives p < {ALPHA:g}.", "",
+        *filter(None, [fallback_note(points, s.metric)]), "",
+        tables(summaries, s.factor, s.margin, s.metric), "",
         "## Evidence", "",
-        f"{n_runs} runs, lrs {list(s.lrs)}, seeds {list(s.seeds)}; " + (
+        f"{len(points)} runs, lrs {list(s.lrs)}, seeds {list(s.seeds)}; " + (
             f"re-analysed from the stored runs of MLflow run {s.from_run}." if s.from_run else
-            f"{seconds:.0f} s wall time (training, tracking and reading back)."), "",
+            f"{seconds:.0f} s wall time (training, tracking and reading back) on {device}."), "",
         environment(), ""])
 
 

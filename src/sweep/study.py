@@ -238,8 +238,8 @@ def run_study(argv: list[str], cfg: DictConfig | None = None) -> Summary:
     print(summary.text)
     if plan.tracking:
         print(f"MLflow: run `mlflow ui --backend-store-uri {plan.tracking_uri}` (or `make ui`) "
-              f"and open http://127.0.0.1:5000, experiment {cfg.tracking.experiment!r}, "
-              f"run 'study-{plan.name}'")
+              f"and open http://127.0.0.1:5000 in its 'Model training' mode (the toggle at the "
+              f"top left), experiment {cfg.tracking.experiment!r}, run 'study-{plan.name}'")
     return summary
 
 

@@ -1,10 +1,10 @@
 """After the search and the confirmation runs: the comparison, built from what the storage holds.
 
-The summary names a winner only when the runner-up is worse by more than the seed-to-seed noise:
-the confirmation runs pair up by seed, and the test is `sweep.report`'s (a paired t-test, p < 0.05),
-so the study's summary and the report read back from MLflow agree. A smaller gap is what a
-different seed could undo. Everything here is read from the Optuna storage, so every process of
-a study prints the same summary; one of them (elected in the storage) publishes it to MLflow.
+The confirmation runs of each schedule's best configuration go to `sweep.compare`, the one
+comparison `sweep.report` also makes from MLflow, so the study's summary and the report name the
+same leaders. Everything here is read from the Optuna storage, so every process of a study prints
+the same summary; one of them (elected in the storage) publishes it to MLflow: the files, the
+figures and an HTML comparison page on the study's parent run.
 """
 
 from __future__ import annotations
@@ -12,20 +12,22 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
-import statistics
 import warnings
 from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 from typing import Any
 
 import optuna
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 from omegaconf import DictConfig
 
 from sweep import faults
+from sweep.compare import Comparison, Group, Run, compare, html_page, steps_per_epoch
+from sweep.compare_plots import figures as comparison_figures
 from sweep.dburl import sqlalchemy_url
-from sweep.plots import lr_figure
-from sweep.report import compare
 from sweep.study_optuna import best_trial, trial_state
 from sweep.study_plan import Plan, knob_overrides, rerun_command
 from sweep.study_storage import once
@@ -33,135 +35,96 @@ from sweep.study_worker import Worker, confirmation_records
 from sweep.track import Tracker
 
 TALLY = ("complete", "pruned", "diverged", "failed")
+COLUMNS = ["lr", "knobs", "trials done / pruned / diverged / failed"]
 
 
 @dataclass
-class Row:
-    """One schedule's line in the comparison."""
+class Searched:
+    """One schedule's search: trials by state, the best trial, and its confirmation runs."""
 
     schedule: str
     tally: dict[str, int]                  # trials by state: complete, pruned, diverged, failed
     best_trial: int | None = None
     knobs: dict[str, Any] = field(default_factory=dict)  # the best trial's values
     command: str = ""                      # `python -m sweep ...` rerunning the best configuration
-    runs: list[dict] = field(default_factory=list)   # one record per confirmation seed
-    to_target: list[int | None] = field(default_factory=list)  # epochs to reach the target
+    runs: list[Run] = field(default_factory=list)        # one per confirmation seed
+    group: Group | None = None             # its place in the comparison
 
     @property
     def values(self) -> list[float]:
-        return [r["final"] for r in self.runs if math.isfinite(r["final"])]
+        return self.group.values if self.group else []
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.values) if self.values else math.nan
+        return self.group.score.mean if self.group else float("nan")
 
-    @property
-    def std(self) -> float:
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+    def columns(self) -> dict[str, str]:
+        """The table's cells that come from the search."""
+        knobs = dict(self.knobs)
+        lr = shown(knobs.pop("optimizer.lr")) if "optimizer.lr" in knobs else "-"
+        other = " ".join(f"{k.rsplit('.', 1)[-1]}={shown(v)}" for k, v in knobs.items())
+        return {"lr": lr, "knobs": other or ("no trial completed" if self.best_trial is None
+                                              else "-"),
+                COLUMNS[2]: " / ".join(str(self.tally[k]) for k in TALLY)}
 
 
 @dataclass
 class Summary:
-    """The comparison: rows ranked best first, the verdict, and where everything was written."""
+    """The comparison of the schedules, and where everything was written."""
 
-    rows: list[Row]
+    rows: list[Searched]                   # in the comparison's order: best mean first
+    comparison: Comparison
     metric: str
     direction: str
-    target: float | None
-    winner: str | None
-    verdict: str
-    text: str                              # what is printed: the table and the lines under it
+    text: str                              # what is printed: the tables and the lines under them
     out_dir: Path
 
+    @property
+    def winner(self) -> str | None:
+        return self.comparison.winner
 
-# --- rows from the storage ----------------------------------------------------------------------
+    @property
+    def leaders(self) -> list[str]:
+        return self.comparison.leaders
 
-def schedule_row(worker: Worker, schedule: str) -> Row:
-    """A schedule's trials by state, its best trial and the confirmation runs of it."""
-    plan = worker.plan
-    study = worker.study(schedule)
-    trials = study.get_trials(deepcopy=False)
-    row = Row(schedule, {k: sum(trial_state(t) == k for t in trials) for k in TALLY})
-    best = best_trial(study)
-    if best is None:
-        return row
-    values = best.user_attrs.get("values", best.params)
-    row.best_trial, row.knobs = best.number, dict(values)
-    row.command = rerun_command(plan, schedule, values)
-    row.runs = confirmation_records(worker.confirm_study(schedule), best,
-                                    list(plan.settings["seeds"]))
-    return row
+    @property
+    def verdict(self) -> str:
+        return self.comparison.sentence()
 
-
-def epochs_to(curve: list[float], target: float, maximize: bool) -> int | None:
-    """The first epoch (1-based) whose metric reaches the target, or None."""
-    for epoch, value in enumerate(curve, start=1):
-        if (value >= target) if maximize else (value <= target):
-            return epoch
-    return None
-
-
-def verdict(ranked: list[Row], metric: str, maximize: bool) -> tuple[str | None, str]:
-    """The winner, if the runner-up is worse than it by more than the seed-to-seed noise."""
-
-    if not ranked:
-        return None, "no schedule completed a trial: nothing to compare"
-    first = ranked[0]
-    if len(ranked) == 1:
-        return None, f"only {first.schedule} completed a trial: nothing to compare it with"
-    second = ranked[1]
-
-    def by_seed(row: Row) -> dict[int, float]:
-        return {r["seed"]: r["final"] for r in row.runs if math.isfinite(r["final"])}
-
-    test = compare(by_seed(first), by_seed(second), maximize)
-    if test.test == "too few seeds":
-        return None, ("no winner named: set study.seeds to two or more seeds to measure the "
-                      "seed-to-seed noise")
-    evidence = f"{test.test} over {test.n} seeds, p = {test.p:.2g}"
-    if test.beyond_noise:
-        return first.schedule, (f"winner: {first.schedule} ({metric} {first.mean:.4f} vs "
-                                f"{second.schedule} {second.mean:.4f}; {evidence})")
-    return None, (f"no clear winner: {first.schedule} leads {second.schedule} by "
-                  f"{abs(first.mean - second.mean):.4f}, within the seed-to-seed noise "
-                  f"({evidence})")
-
-
-# --- the table and files --------------------------------------------------------------------------
 
 def shown(value: Any) -> str:
     """A knob's value in a table: 4 significant digits (the command keeps every digit)."""
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def cells(row: Row, metric: str) -> list[str]:
-    knobs = dict(row.knobs)
-    lr = shown(knobs.pop("optimizer.lr")) if "optimizer.lr" in knobs else "-"
-    other = " ".join(f"{k.rsplit('.', 1)[-1]}={shown(v)}" for k, v in knobs.items()) or "-"
-    diverged = sum(r["status"] == "diverged" for r in row.runs)
-    score = f"{row.mean:.4f} ± {row.std:.4f}" if row.values else "-"
-    if diverged:
-        score += f" ({diverged} diverged)"
-    reached = [e for e in row.to_target if e is not None]
-    to_target = "-" if not reached else f"{statistics.fmean(reached):.1f}" + (
-        "" if len(reached) == len(row.to_target) else f" ({len(reached)}/{len(row.to_target)})")
-    tally = " / ".join(str(row.tally[k]) for k in TALLY)
-    if row.best_trial is None:
-        return [row.schedule, "-", "no trial completed", "-", "-", "-", tally]
-    return [row.schedule, lr, other, score, str(len(row.runs)), to_target, tally]
+# --- rows from the storage ----------------------------------------------------------------------
+
+def as_run(schedule: str, record: dict[str, Any], per_epoch: int | None) -> Run:
+    """A confirmation record (`study_worker.confirmation_record`) as the comparison's run; its lr
+    trace, kept per optimizer step, is put on the epoch axis."""
+    lr = [(step / per_epoch, value) for step, value in record.get("lr", [])] if per_epoch else []
+    if lr:  # the last step's lr holds to the end of the run
+        lr.append((float(len(record["curve"])), lr[-1][1]))
+    return Run(schedule, record["seed"], record["status"], list(record["curve"]), lr, per_epoch,
+               list(record.get("epoch_times", [])), record.get("device"))
 
 
-def markdown_table(rows: list[Row], metric: str, target: float | None) -> str:
-    """An aligned Markdown table: readable on a terminal and rendered in MLflow and on GitHub."""
-    head = ["schedule", "lr", "knobs", f"{metric} mean ± std", "seeds",
-            f"epochs to {target:.4g}" if target is not None else "epochs to target",
-            "trials done / pruned / diverged / failed"]
-    body = [cells(r, metric) for r in rows]
-    widths = [max(len(line[i]) for line in [head, *body]) for i in range(len(head))]
-
-    def line(values: list[str]) -> str:
-        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+def schedule_row(worker: Worker, schedule: str, per_epoch: int | None) -> Searched:
+    """A schedule's trials by state, its best trial and the confirmation runs of it."""
+    plan = worker.plan
+    study = worker.study(schedule)
+    trials = study.get_trials(deepcopy=False)
+    row = Searched(schedule, {k: sum(trial_state(t) == k for t in trials) for k in TALLY})
+    best = best_trial(study)
+    if best is None:
+        return row
+    values = best.user_attrs.get("values", best.params)
+    row.best_trial, row.knobs = best.number, dict(values)
+    row.command = rerun_command(plan, schedule, values)
+    records = confirmation_records(worker.confirm_study(schedule), best,
+                                   list(plan.settings["seeds"]))
+    row.runs = [as_run(schedule, r, per_epoch) for r in records]
+    return row
 
 
 def write_files(summary: Summary, plan: Plan) -> list[Path]:
@@ -171,13 +134,16 @@ def write_files(summary: Summary, plan: Plan) -> list[Path]:
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["schedule", "best_trial", "knobs", f"{summary.metric}_mean",
-                    f"{summary.metric}_std", "seeds", "values", "epochs_to_target",
+                    f"{summary.metric}_ci_low", f"{summary.metric}_ci_high", "seeds", "values",
+                    "p_vs_leader_holm", "tied_with_leader", "epochs_to_target",
                     *[f"trials_{k}" for k in TALLY], "command"])
         for r in summary.rows:
-            w.writerow([r.schedule, r.best_trial, " ".join(knob_overrides(r.knobs)), r.mean,
-                        r.std, len(r.runs),
+            g = r.group
+            w.writerow([r.schedule, r.best_trial, " ".join(knob_overrides(r.knobs)),
+                        g.score.mean, g.score.low, g.score.high, len(r.runs),
                         " ".join(f"{v:.6g}" for v in r.values),
-                        " ".join("-" if e is None else str(e) for e in r.to_target),
+                        g.versus.p_holm if g.versus else "", g.name in summary.leaders,
+                        " ".join("-" if e is None else str(e) for e in g.to_target),
                         *[r.tally[k] for k in TALLY], r.command])
     (out / "best_overrides").mkdir(exist_ok=True)
     written = [out / "summary.md", out / "summary.csv"]
@@ -195,7 +161,7 @@ def cli_storage(url: str) -> str:
     return url if url.endswith((".journal", ".log")) else sqlalchemy_url(url)
 
 
-# --- plots ----------------------------------------------------------------------------------------
+# --- Optuna's plots, one schedule at a time -------------------------------------------------------
 
 def figure_of(axes: Any) -> Any:
     import numpy as np
@@ -203,8 +169,32 @@ def figure_of(axes: Any) -> Any:
     return np.asarray(axes).flat[0].figure  # Optuna returns an Axes or an array of them
 
 
+OPTUNA_TITLES = {"Slice Plot", "Contour Plot", "Optimization History Plot",
+                 "Hyperparameter Importances"}
+
+
+def tidy(fig: Any) -> None:
+    """Optuna's figures, readable: our title instead of its generic one, an honest colour-bar
+    label, and log axes labelled at 1-2-5 steps only (the slice plot labels every minor tick,
+    and the labels run into each other)."""
+    for ax in fig.axes:
+        if ax.get_title() in OPTUNA_TITLES:
+            ax.set_title("")
+        if ax.get_ylabel() == "Trial":  # a colour bar over a filtered copy's renumbered trials
+            ax.set_ylabel("order of the trials drawn")
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale == "log":
+                axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=6))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                axis.set_minor_formatter(NullFormatter())
+        if ax.get_xscale() == "log":
+            ax.tick_params(axis="x", labelrotation=30)
+
+
 def optuna_figures(studies: dict[str, optuna.Study], plan: Plan) -> dict[str, Any]:
-    """Optimisation history (all schedules), and per schedule importances and lr x knob contour."""
+    """Per schedule: the optimisation history, Optuna's parameter importances and lr x knob
+    contour (or slice plot), titled with the schedule; diverged trials carry a penalty value
+    that would set the scale, so they are left out and named in a note."""
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
@@ -212,54 +202,64 @@ def optuna_figures(studies: dict[str, optuna.Study], plan: Plan) -> dict[str, An
     # Optuna's plots switch pyplot's global style to ggplot: keep that to them.
     with warnings.catch_warnings(), plt.rc_context():
         warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-        history = figure_of(ovm.plot_optimization_history(list(studies.values()),
-                                                          target_name=plan.metric))
-        history.set_size_inches(11, 5)  # room for the plot beside its legend of schedules
-        figures["optimization_history.png"] = history
         for name, study in studies.items():
-            done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            if len(done) < 2:
+            trials = study.get_trials(deepcopy=False)
+            diverged = [t.number for t in trials if trial_state(t) == "diverged"]
+            kept = [t for t in trials if trial_state(t) in ("complete", "pruned")]
+            if not any(trial_state(t) == "complete" for t in kept):
                 continue
+            view = optuna.create_study(direction=study.direction)  # in memory: a filtered copy
+            view.add_trials(kept)
+            note = ("diverged trials, left out of the scale: "
+                    + ", ".join(f"#{n}" for n in diverged)) if diverged else ""
             numeric = [k for k, s in plan.spaces[name].items() if s["type"] != "categorical"]
             pair = ["optimizer.lr"] + [k for k in numeric if k != "optimizer.lr"][:1]
-            if len(pair) == 2 and "optimizer.lr" in numeric:  # lr x gamma (or the first knob)
-                landscape = (f"contour_{name}.png", ovm.plot_contour, {"params": pair})
-            else:
-                landscape = (f"slice_{name}.png", ovm.plot_slice, {})
-            for file, plot, kwargs in [(f"importances_{name}.png", ovm.plot_param_importances, {}),
-                                       landscape]:
+            figures[f"history_{name}.png"] = history_figure(name, trials, plan, note)
+            plots = []
+            if sum(trial_state(t) == "complete" for t in kept) >= 2:
+                plots.append((f"importances_{name}.png", "parameter importances",
+                              ovm.plot_param_importances, {}))
+                if len(pair) == 2 and "optimizer.lr" in numeric:  # lr x gamma (or first knob)
+                    plots.append((f"contour_{name}.png", f"{plan.metric} over {' x '.join(pair)}",
+                                  ovm.plot_contour, {"params": pair, "target_name": plan.metric}))
+                else:
+                    plots.append((f"slice_{name}.png", f"{plan.metric} against each parameter",
+                                  ovm.plot_slice, {"target_name": plan.metric}))
+            for file, what, plot, kwargs in plots:
                 try:
-                    figures[file] = figure_of(plot(study, **kwargs))
+                    fig = figure_of(plot(view, **kwargs))
                 except (ValueError, RuntimeError, ZeroDivisionError) as err:
                     print(f"  (no {file}: {err})")  # e.g. every trial had the same value
+                    continue
+                tidy(fig)
+                fig.suptitle(f"{name}: {what}" + (f"\n({note})" if note else ""),
+                             fontsize="medium")
+                figures[file] = fig
     return figures
 
 
-def curve_figures(rows: list[Row], metric: str) -> dict[str, Any]:
-    """The best configurations' validation curves (mean and range over seeds) and lr curves."""
-    import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-
+def history_figure(schedule: str, trials: list[optuna.trial.FrozenTrial], plan: Plan,
+                   note: str) -> Figure:
+    """The optimisation history with the storage's trial numbers (Optuna's plot of a filtered
+    copy would renumber them): each finished trial's value and the best so far."""
     fig = Figure(figsize=(7, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for row in rows:
-        curves = [r["curve"] for r in row.runs if r["curve"]]
-        if not curves:
-            continue
-        n = min(map(len, curves))
-        stack = np.array([c[:n] for c in curves])
-        epochs = np.arange(1, n + 1)
-        ax.plot(epochs, stack.mean(0), marker="o", ms=3, label=f"{row.schedule} ({len(curves)})")
-        ax.fill_between(epochs, stack.min(0), stack.max(0), alpha=0.2)
-    ax.set(xlabel="epoch", ylabel=metric,
-           title="best configuration of each schedule (mean, range over seeds)")
-    ax.legend()
-    lrs = {r.schedule: [{"step": s, "lr": lr, "group": "default", "epoch": 0}
-                        for s, lr in r.runs[0]["lr"]] for r in rows if r.runs and r.runs[0]["lr"]}
-    return {"best_val_curves.png": fig, "best_lr_curves.png": lr_figure(lrs)}
+    done = [t for t in trials if trial_state(t) == "complete" and t.value is not None]
+    pick = max if plan.direction == "maximize" else min
+    best = [pick(t.value for t in done[:i + 1]) for i in range(len(done))]
+    ax.plot([t.number for t in done], [t.value for t in done], "o", label="trial")
+    ax.plot([t.number for t in done], best, drawstyle="steps-post", color="C1",
+            label="best so far")
+    pruned = sum(trial_state(t) == "pruned" for t in trials)
+    ax.set(xlabel="trial number", ylabel=plan.metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    notes = [n for n in (note, f"{pruned} pruned trials not drawn" if pruned else "") if n]
+    fig.suptitle(f"{schedule}: optimisation history ({plan.metric} of each finished trial)"
+                 + (f"\n{'; '.join(notes)}" if notes else ""), fontsize="medium")
+    return fig
 
 
 def save_figures(figures: dict[str, Any], folder: Path) -> list[Path]:
@@ -274,69 +274,84 @@ def save_figures(figures: dict[str, Any], folder: Path) -> list[Path]:
     return paths
 
 
+def comparison_page(summary: Summary, plan: Plan, plots: list[Path]) -> Path:
+    """comparison.html: the verdict, both tables, the notes and every plot, in one file."""
+    c = summary.comparison
+    path = plan.out_dir / "comparison.html"
+    path.write_text(html_page(f"Study {plan.name}: schedule comparison", [
+        ("", f"<p>{escape(summary.verdict)}</p>"),
+        ("Per schedule", c.summary_table("html", COLUMNS)),
+        ("Against the leader", c.versus_table("html")),
+        ("Notes", "".join(f"<p>{escape(n)}</p>" for n in c.notes())),
+        ("Best configurations, rerun as is", "".join(
+            f"<pre>{escape(r.command)}</pre>" for r in summary.rows if r.command))],
+        {p.name: p.read_bytes() for p in plots}))
+    return path
+
+
 # --- all of it ------------------------------------------------------------------------------------
 
 def summarize(cfg: DictConfig, worker: Worker) -> Summary:
-    """Rank the schedules from the storage and write the summary files; one process of the study
-    also draws the plots and attaches everything to the study's MLflow run."""
+    """Compare the schedules from the storage and write the summary files; one process of the
+    study also draws the plots and attaches everything to the study's MLflow run."""
     plan = worker.plan
     maximize = plan.direction == "maximize"
-    rows = [schedule_row(worker, name) for name in plan.schedules]
-    ranked = sorted((r for r in rows if r.values), key=lambda r: r.mean, reverse=maximize)
-    rows = ranked + [r for r in rows if not r.values]
-    target = cfg.study.target
-    if target is None and ranked:  # the level every schedule reaches on average: the worst mean
-        target = ranked[-1].mean
-    for row in rows:
-        row.to_target = [epochs_to(r["curve"], target, maximize) for r in row.runs]
-    winner, line = verdict(ranked, plan.metric, maximize)
-    how = "set by study.target" if cfg.study.target is not None else "the worst schedule's mean"
-    notes = [line]
-    if target is not None:
-        notes.append(f'"epochs to {target:.4g}": first epoch at {plan.metric} '
-                     f"{'>=' if maximize else '<='} {target:.4g} ({how}), mean over seeds")
-    notes.append(f"trials: the pruner ({plan.settings['pruner']}) stopped "
-                 f"{sum(r.tally['pruned'] for r in rows)} of "
-                 f"{sum(sum(r.tally.values()) for r in rows)}; best configurations, rerun as is:")
+    per_epoch = steps_per_epoch(worker.base(plan.schedules[0]))  # the schedules share the data
+    searched = {name: schedule_row(worker, name, per_epoch) for name in plan.schedules}
+    comparison = compare([run for row in searched.values() for run in row.runs], plan.metric,
+                         maximize, target=cfg.study.target, names=plan.schedules,
+                         columns={name: row.columns() for name, row in searched.items()})
+    for g in comparison.groups:
+        searched[g.name].group = g
+    rows = [searched[g.name] for g in comparison.groups]
+    notes = [comparison.sentence(), "", *comparison.notes(),
+             f"Trials: the pruner ({plan.settings['pruner']}) stopped "
+             f"{sum(r.tally['pruned'] for r in rows)} of "
+             f"{sum(sum(r.tally.values()) for r in rows)}; best configurations, rerun as is:"]
     notes += [f"  {r.command}" for r in rows if r.command]
-    notes.append(f"written to {plan.out_dir}: summary.md, summary.csv, best_overrides/, plots/")
+    notes.append(f"written to {plan.out_dir}: summary.md, summary.csv, comparison.html, "
+                 "best_overrides/, plots/")
     notes.append(f"Optuna storage {plan.storage}: `optuna trials --study-name "
                  f"{plan.study_name(plan.schedules[0])} --storage {cli_storage(plan.storage)}`")
-    text = markdown_table(rows, plan.metric, target) + "\n\n" + "\n".join(notes)
-    summary = Summary(rows, plan.metric, plan.direction, target, winner, line, text, plan.out_dir)
+    text = "\n\n".join([comparison.summary_table("md", COLUMNS), comparison.versus_table("md"),
+                        "\n".join(notes)])
+    summary = Summary(rows, comparison, plan.metric, plan.direction, text, plan.out_dir)
     written = write_files(summary, plan)
     # Published once per distinct result: a study resumed with a larger budget publishes again.
-    fingerprint = hashlib.sha1(json.dumps([(r.schedule, r.best_trial, [x["seed"] for x in r.runs])
+    fingerprint = hashlib.sha1(json.dumps([(r.schedule, r.best_trial, [x.seed for x in r.runs])
                                            for r in rows]).encode()).hexdigest()[:12]
     once(worker.storage, f"{plan.name}/published/{fingerprint}",
-         lambda: publish(cfg, worker, summary, ranked, written), worker.liveness)
+         lambda: publish(cfg, worker, summary, written), worker.liveness)
     return summary
 
 
-def publish(cfg: DictConfig, worker: Worker, summary: Summary, ranked: list[Row],
-            written: list[Path]) -> bool:
-    """Plots, and the summary on the study's MLflow run, which is then marked finished."""
+def publish(cfg: DictConfig, worker: Worker, summary: Summary, written: list[Path]) -> bool:
+    """Plots, the comparison page, and the summary on the study's MLflow run, which is then
+    marked finished."""
     plan = worker.plan
     plots: list[Path] = []
     if cfg.study.plots:
         studies = {name: worker.study(name) for name in plan.schedules}
-        figures = {**optuna_figures(studies, plan), **curve_figures(ranked, plan.metric)}
+        figures = {**{f"best_{k}": f for k, f in comparison_figures(summary.comparison).items()},
+                   **optuna_figures(studies, plan)}  # the comparison first, then how it was found
         plots = save_figures(figures, plan.out_dir / "plots")
+    page = comparison_page(summary, plan, plots)
     faults.point("summary")
     if plan.parent_run_id:
         import mlflow
 
-
         mlflow.set_tracking_uri(plan.tracking_uri)
         parent = Tracker(plan.parent_run_id)
-        for path in written:
+        for path in [*written, page]:
             parent.log_artifact(path, "best_overrides" if path.parent.name == "best_overrides"
                                 else None)
         for path in plots:
             parent.log_artifact(path, "plots")
-        parent.set_tags({"winner": summary.winner or "none"})
-        parent.log_step(0, {f"{r.schedule}/{plan.metric}_mean": r.mean for r in ranked}
-                        | {f"{r.schedule}/{plan.metric}_std": r.std for r in ranked})
+        c = summary.comparison
+        parent.set_tags({"winner": c.winner or "none", "leaders": ", ".join(c.leaders),
+                         "verdict": c.sentence()[:4900]})
+        parent.log_step(0, {f"{g.name}/{plan.metric}_mean": g.score.mean for g in c.scored})
         parent.close()
         mlflow.MlflowClient(plan.tracking_uri).set_terminated(plan.parent_run_id, "FINISHED")
     return True
+

@@ -38,6 +38,7 @@ from sweep.study_plan import (
     with_values,
     without_scheduler,
 )
+from sweep.study_progress import Progress
 from sweep.study_storage import (
     Liveness,
     OnStale,
@@ -49,7 +50,7 @@ from sweep.study_storage import (
     trial_id,
     worker_number,
 )
-from sweep.track import mlflow_run
+from sweep.track import mlflow_run, summary_tags
 from sweep.train import train
 
 POLL_S = 1.0           # how often a worker with nothing to claim looks at the storage again
@@ -119,6 +120,7 @@ class Worker:
                                                                s["seed"] + 1000 * self.number),
                                     pruner=make_pruner(s, plan.epochs))
                    for name in plan.schedules}
+        progress = Progress("search")
         order = plan.schedules[self.number % len(plan.schedules):] + \
             plan.schedules[:self.number % len(plan.schedules)]  # workers start on different ones
         while True:
@@ -128,6 +130,7 @@ class Worker:
                 self.liveness.reap(study)
                 while (trial := self.take_slot(study, plan.budget[name])) is not None:
                     self.run_trial(study, trial, name)
+                    print(progress.line(studies, plan.budget), flush=True)
                     worked = True
                 while (queued := claim(self.storage, study)) is not None:
                     self.fail_item(study, queued, "surplus")  # a retry past the budget
@@ -219,17 +222,16 @@ class Worker:
             # killed from here on is recovered from it, not trained again.
             trial.set_user_attr("outcome", {"state": state, "value": value})
             faults.point("after_train")
-            if tracker is not None:
-                tracker.set_tags({"state": state})
-                tracker.log_step(len(result.history), {"objective": value,
-                                                       f"best_{plan.metric}": result.best_metric})
+            if tracker is not None:  # one-off numbers as tags: no single-point charts
+                tracker.set_tags({**summary_tags(result), "state": state,
+                                  "objective": f"{value:.6g}"})
         return value, state, len(result.history)
 
     # --- 3. confirm ----------------------------------------------------------------------------
 
     def confirm(self) -> None:
         plan, seeds = self.plan, list(self.plan.settings["seeds"])
-        studies = {}
+        studies, progress = {}, Progress("confirm")
         for name in plan.schedules:
             best = best_trial(self.study(name))
             if best is None:
@@ -247,6 +249,7 @@ class Worker:
                         self.fail_item(study, item, "duplicate")
                         continue
                     self.run_confirmation(study, item, name)
+                    print(progress.line(studies, dict.fromkeys(studies, len(seeds))), flush=True)
                     worked = True
                 busy |= bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
             if not busy:
@@ -284,7 +287,7 @@ class Worker:
                         "state": "complete", "value": value, "record": record})
                     faults.point("confirm")
                     if tracker is not None:
-                        tracker.set_tags({"status": result.status})
+                        tracker.set_tags(summary_tags(result))
             except BaseException as err:
                 state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
                 self.storage.set_trial_user_attr(tid, "error", f"{type(err).__name__}: {err}")
@@ -345,10 +348,15 @@ def confirmation_records(study: optuna.Study, best: FrozenTrial, seeds: list[int
 
 def say(schedule: str, number: int, state: str, value: float | None, values: dict,
         metric: str, started: float, note: str) -> None:
-    """One line per trial; the knobs at 4 significant digits (the storage has them exactly)."""
+    """One line per trial; the knobs at 4 significant digits (the storage has them exactly).
+
+    A diverged trial has no value of its own: it is scored as the worst value its schedule has
+    seen, so the sampler steers away from it, and the line says so.
+    """
     shown = " ".join(f"{k.rsplit('.', 1)[-1]}={v:.4g}" if isinstance(v, float)
                      else f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items())
-    score = "" if value is None else (f"penalty {value:.4f}" if state == "diverged"
-                                      else f"{metric} {value:.4f}")
+    score = "" if value is None else f"{metric} {value:.4f}"
+    if state == "diverged" and value is not None:
+        note = f"{note}; scored as the worst {metric} seen, to steer the sampler away"
     print(f"  {schedule:<12} #{number:<3} {state:<11} {score:<16} {shown}  "
           f"({note}, {time.perf_counter() - started:.1f}s)", flush=True)

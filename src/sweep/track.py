@@ -20,9 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sweep.config import ConfigError, sqlite_file
+from sweep.config import ConfigError, override_key, sqlite_file
 from sweep.dburl import sqlalchemy_url
 
 T = TypeVar("T")
@@ -63,10 +66,39 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 
 
 def run_name(cfg: DictConfig) -> str:
+    """`run_name`, else the options picked (`cnn-digits-sgd-cosine`); a Hydra multirun's job
+    names its model and dataset, then the values its sweep varies (`cnn-digits-lr=0.03`), so
+    the jobs' runs differ by name in the MLflow UI."""
     if cfg.get("run_name"):
         return cfg.run_name
     c = cfg.get("choices") or {}
+    swept = swept_values()
+    if swept:
+        return "-".join([str(c.get("model", "?")), str(c.get("dataset", "?")), *swept])
     return "-".join(str(c.get(g, "?")) for g in ("model", "dataset", "optimizer", "scheduler"))
+
+
+def swept_values() -> list[str]:
+    """In a Hydra multirun's job, `lr=0.03` for each key the sweep varies; else [].
+
+    The job's config holds only its own values; which keys vary is in the sweep's
+    `multirun.yaml` (Hydra's basic sweeper writes it before the first job). Without it every
+    override of the job is named. Model and dataset are named anyway.
+    """
+    try:
+        hydra = HydraConfig.get()
+    except ValueError:  # not inside a Hydra app
+        return []
+    if hydra.mode != RunMode.MULTIRUN:
+        return []
+    job = {override_key(o): o.split("=", 1)[1] for o in hydra.overrides.task if "=" in o}
+    saved = Path(hydra.sweep.dir) / "multirun.yaml"
+    if saved.is_file():
+        sweep = OmegaConf.load(saved).hydra.overrides.task
+        varied = {o.key_or_group for o in OverridesParser.create().parse_overrides(list(sweep))
+                  if o.is_sweep_override()}
+        job = {k: v for k, v in job.items() if k in varied}
+    return [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in job.items() if k not in ("model", "dataset")]
 
 
 def run_tags(cfg: DictConfig) -> dict[str, str]:
@@ -300,11 +332,12 @@ class Tracker:
     """
 
     def __init__(self, run_id: str | None, flush_every_s: float = 0.5,
-                 wait_s: float | None = None):
+                 wait_s: float | None = None, name: str | None = None):
         import mlflow
 
         fail_fast_http()
         self.run_id = run_id
+        self.name = name  # the run's name in the UI, for figure titles and the run folder
         self.flush_every_s = flush_every_s
         self.wait_s = patience_s() if wait_s is None else wait_s
         self.uri = mlflow.get_tracking_uri()
@@ -444,20 +477,32 @@ class Tracker:
         call_mlflow(f"log {Path(path).name}", self._client.log_artifact, self.run_id, str(path),
                     folder)
 
-    def finish(self, result: Any) -> None:
-        """Record how the run ended, its summary numbers and its curves as figures."""
-        from sweep.plots import loss_figure, lr_figure
+    def finish(self, result: Any, figures: dict[str, Any] | None = None) -> None:
+        """Record how the run ended and its curves as figures (`plots/<name>`; drawn here unless
+        the caller drew them already for the run folder).
 
-        self.set_tags({"status": result.status})
-        summary = {f"best_{result.metric_name}": result.best_metric,
-                   "best_epoch": result.best_epoch,
-                   "skipped_steps_total": result.skipped_steps}
-        self.log_step(len(result.history), {k: v for k, v in summary.items() if v == v})
+        One-off numbers (best value, its epoch) are tags, not metrics: a metric with a single
+        point would be one more chart on the run's page, ahead of the curves.
+        """
+        from sweep.plots import run_figures
+
+        self.set_tags(summary_tags(result))
         self.flush()
-        if result.history:
-            self.log_figure(loss_figure(result.history, result.metric_name), "plots/loss.png")
-        if result.lr_trace:
-            self.log_figure(lr_figure({"lr": result.lr_trace}), "plots/lr.png")
+        if figures is None:
+            figures = run_figures(result, self.name or "run")
+        for name, fig in figures.items():
+            self.log_figure(fig, f"plots/{name}")
+
+
+def summary_tags(result: Any) -> dict[str, str]:
+    """The run's status and one-off numbers, as tags: `best_val_acc`, `best_epoch`, ..."""
+    tags = {"status": result.status, "epochs": str(len(result.history))}
+    if result.best_epoch:
+        tags[f"best_{result.metric_name}"] = f"{result.best_metric:.6g}"
+        tags["best_epoch"] = str(result.best_epoch)
+    if result.skipped_steps:
+        tags["skipped_steps_total"] = str(result.skipped_steps)
+    return tags
 
 
 def end_run(run_id: str, status: str) -> None:
@@ -498,7 +543,7 @@ def mlflow_run(cfg: DictConfig, run_name_: str | None = None, nested: bool = Fal
         raise
     status = "FAILED"  # as MLflow's own `with start_run()` marks a run left by an exception
     try:
-        tracker = Tracker(run.info.run_id)
+        tracker = Tracker(run.info.run_id, name=run.info.run_name)
         try:
             if run_id is None:
                 tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))

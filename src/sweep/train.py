@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from sweep import run_folder
 from sweep.config import check_file, fail, validate
 from sweep.data import Data, augment_batch, load_data, tensor_batches
 from sweep.models import build_model
 from sweep.optim import build_optimizer
-from sweep.schedules import Budget, build_scheduler
+from sweep.schedules import Budget, build_scheduler, validate_scheduler
 
 Callback = Callable[[int, dict[str, float]], bool | None]
 
@@ -31,7 +32,7 @@ Callback = Callable[[int, dict[str, float]], bool | None]
 class TrainResult:
     """What a run produced; Optuna trials and studies read this directly."""
 
-    status: str                     # completed | diverged | stopped
+    status: str                     # completed | diverged | stopped | stalled (did not learn)
     metric_name: str                # val_acc (classification) or val_mse (regression)
     direction: str                  # maximize | minimize
     history: list[dict[str, float]] = field(default_factory=list)  # one dict per epoch
@@ -39,6 +40,7 @@ class TrainResult:
     best_metric: float = math.nan
     best_epoch: int = 0
     skipped_steps: int = 0          # optimizer steps AMP's gradient scaler skipped (inf/nan grads)
+    initial: dict[str, float] = field(default_factory=dict)  # epoch 0: evaluated before any step
     run_id: str | None = None
 
     @property
@@ -132,28 +134,87 @@ def batches(data: Data, device: torch.device, bs: int, num_workers: int, gen: to
 
 @torch.inference_mode()
 def evaluate(model: torch.nn.Module, data: Data, loss_fn: Callable, metric_name: str,
-             device: torch.device, amp: torch.dtype | None, batch_size: int) -> dict[str, float]:
-    """Validation loss and metric, summed on the device and read back once."""
+             device: torch.device, amp: torch.dtype | None, batch_size: int,
+             train_split: bool = False) -> dict[str, float]:
+    """Validation loss and metric, and with `train_split` the loss over the whole training split
+    (`train_eval_loss`, the BN article's curve), all in eval mode; summed on the device and read
+    back once."""
     model.eval()
     metric_is_loss = loss_fn is F.mse_loss  # then val_mse is val_loss: computed once
-    sums = []  # per batch: loss * batch size, then (unless it is the loss) the metric's sum
-    for xb, yb in tensor_batches(data.x_val, data.y_val, batch_size, False, None):
-        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-        if amp is None:
-            out = model(xb)
-        else:
-            with torch.autocast(device.type, dtype=amp):
-                out = model(xb).float()
-        sums.append(loss_fn(out, yb) * len(xb))
-        if metric_name == "val_acc":
-            sums.append((out.argmax(1) == yb).sum())
-        elif not metric_is_loss:
-            sums.append(F.mse_loss(out, yb, reduction="sum") / out.shape[1:].numel())
+
+    def sums(x: torch.Tensor, y: torch.Tensor, metric: str | None) -> torch.Tensor:
+        """Per batch: loss * batch size, then the metric's sum; averaged over the split."""
+        per_batch = []
+        for xb, yb in tensor_batches(x, y, batch_size, False, None):
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            if amp is None:
+                out = model(xb)
+            else:
+                with torch.autocast(device.type, dtype=amp):
+                    out = model(xb).float()
+            per_batch.append(loss_fn(out, yb) * len(xb))
+            if metric == "val_acc":
+                per_batch.append((out.argmax(1) == yb).sum())
+            elif metric is not None:
+                per_batch.append(F.mse_loss(out, yb, reduction="sum") / out.shape[1:].numel())
+        width = 1 if metric is None else 2
+        return torch.stack(per_batch).view(-1, width).sum(0) / len(x)
+
+    splits = [sums(data.x_val, data.y_val, None if metric_is_loss else metric_name)]
+    if train_split:
+        splits.append(sums(data.x_train, data.y_train, None))
     model.train()
-    per_batch = 1 if metric_is_loss else 2
-    totals = (torch.stack(sums).view(-1, per_batch).sum(0) / len(data.x_val)).tolist()
-    val_loss, metric = (totals[0], totals[0]) if metric_is_loss else totals
-    return {"val_loss": val_loss, metric_name: metric}
+    values = torch.cat(splits).tolist()
+    val_loss = values[0]
+    metrics = {"val_loss": val_loss, metric_name: val_loss if metric_is_loss else values[1]}
+    if train_split:
+        metrics["train_eval_loss"] = values[-1]
+    return metrics
+
+
+# "Did not learn" (status `stalled`) is decided here and nowhere else. A finished run learned when
+# its final loss is at most LEARNED_LOSS_RATIO x its reference: the lower of its loss at
+# initialisation (epoch 0) and the loss of the best prediction that ignores the inputs (the
+# training targets' mean; the training label frequencies). The second matters: a regression net
+# that only learned the mean ends far below its initial loss, which also paid for the mean's
+# square, yet knows nothing of the inputs (the BN article's MLP stuck at 32.4, the variance of y
+# on seed 929's training split). 0.9: a tenth of the reference is the least progress that
+# counts, well above how much a stuck run's loss wobbles from epoch to epoch.
+LEARNED_LOSS_RATIO = 0.9
+# Classification must also end clearly above chance (the majority class's share of the
+# validation split): at least a tenth of the way from chance to perfect accuracy.
+LEARNED_ACCURACY_SHARE = 0.1
+
+
+@torch.inference_mode()
+def constant_baseline(data: Data, loss_fn: Callable, metric_name: str,
+                      train_split: bool) -> dict[str, float]:
+    """What predicting without looking at the inputs scores: the loss (on the training split with
+    `train_split`, else validation) and, for classification, the validation accuracy."""
+    y = data.y_train if train_split else data.y_val
+    if metric_name == "val_acc":
+        counts = torch.bincount(data.y_train, minlength=data.num_outputs).float()
+        logits = (counts / counts.sum()).clamp_min(1e-12).log()  # softmax gives the frequencies
+        loss = loss_fn(logits.expand(len(y), -1), y)
+        chance = (data.y_val == counts.argmax()).float().mean()
+        return {"loss": loss.item(), "val_acc": chance.item()}
+    return {"loss": loss_fn(data.y_train.mean(0).expand_as(y), y).item()}
+
+
+def did_not_learn(final: dict[str, float], initial: dict[str, float],
+                  baseline: dict[str, float], loss_key: str) -> bool:
+    """Whether a finished run ends `stalled` by the rule above; a NaN loss never learned.
+
+    `final`/`initial`: the last epoch's and epoch 0's metrics; `baseline`: `constant_baseline`
+    on the split `loss_key` (train_eval_loss or val_loss) is measured on.
+    """
+    reference = min(initial[loss_key], baseline["loss"])
+    if not final[loss_key] <= LEARNED_LOSS_RATIO * reference:
+        return True
+    if "val_acc" not in baseline:
+        return False
+    chance = baseline["val_acc"]
+    return not final["val_acc"] > chance + LEARNED_ACCURACY_SHARE * (1 - chance)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -200,6 +261,18 @@ def setup(cfg: DictConfig) -> Setup:
                  budget, pick_amp(t.amp, device), torch.Generator().manual_seed(cfg.seed))
 
 
+def check_parts(cfg: DictConfig) -> None:
+    """An app's check (`checks:` in its primary config): build what the config describes on its
+    data, so a value only the data can refuse (a CNN on vectors, a loss for the other task, a
+    schedule longer than the run) is refused before Hydra creates the output folder or any MLflow
+    run opens. `load_data` keeps the data for the run. A multirun's jobs differ in the values it
+    sweeps, which its start does not see: each job checks its own parts before its run opens."""
+    if str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN":
+        return
+    parts = setup(cfg)
+    validate_scheduler(cfg.scheduler, parts.budget, parts.direction)
+
+
 def default_output_dir() -> Path:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -233,9 +306,21 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
     better = (lambda a, b: a > b) if direction == "maximize" else (lambda a, b: a < b)
     step, start_epoch, initial_loss = 0, 1, None
     settings = resume_settings(cfg)  # saved with each checkpoint, compared when resuming
+    # The loss over the whole training split in eval mode, each epoch: on by default where that
+    # split lives on the device (one batched forward pass), a setting for DataLoader-sized data.
+    train_eval = t.train_eval_loss is True or (t.train_eval_loss == "auto" and on_device)
+    learning_loss = "train_eval_loss" if train_eval else "val_loss"  # what "did not learn" reads
+    eval_batch = max(1024, t.batch_size)
     if t.resume:
         step, start_epoch, initial_loss = load_checkpoint(
             read_checkpoint(cfg, parts), model, optimizer, schedule.scheduler, scaler, gen, result)
+    else:
+        # Epoch 0: the losses at initialisation, the reference for "did not learn" and the cap
+        # comparisons put on a diverged run's loss. It draws no randomness: training is unchanged.
+        result.initial = evaluate(model, data, loss_fn, metric_name, device, amp, eval_batch,
+                                  train_eval)
+        if tracker is not None and train_eval:
+            tracker.log_epoch(0, {"train_eval_loss": result.initial["train_eval_loss"]})
 
     # Plain values for the loop: a DictConfig lookup costs tens of microseconds, an epoch of the
     # article's MLP a few milliseconds.
@@ -316,7 +401,7 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
         # 3. Evaluate, then step an epoch schedule (plateau schedules get the metric).
         train_loss, grad_norm = epoch_means(losses, norms)  # one host sync an epoch
         metrics = {"epoch": epoch, "train_loss": train_loss, **evaluate(
-            model, data, loss_fn, metric_name, device, amp, max(1024, batch_size)), **epoch_lrs}
+            model, data, loss_fn, metric_name, device, amp, eval_batch, train_eval), **epoch_lrs}
         if norms:
             metrics["grad_norm"] = grad_norm
         if fp16:
@@ -349,6 +434,12 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
             result.status = "stopped"
             break
     bar.close()
+    if result.status == "completed" and result.history and result.initial and did_not_learn(
+            result.final, result.initial,
+            constant_baseline(data, loss_fn, metric_name, train_eval), learning_loss):
+        result.status = "stalled"
+    run_folder.write(out_dir, result, ckpt_path if checkpoint_every and ckpt_path.exists()
+                     else None, getattr(tracker, "name", None))
     return result
 
 
@@ -397,7 +488,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, gen: torch.
         "epoch": epoch, "step": step, "initial_loss": initial_loss, "run_id": result.run_id,
         "history": result.history, "lr_trace": result.lr_trace, "best_metric": result.best_metric,
         "best_epoch": result.best_epoch, "skipped_steps": result.skipped_steps,
-        "settings": settings,
+        "initial": result.initial, "settings": settings,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -478,4 +569,5 @@ def load_checkpoint(state: dict[str, Any], model, optimizer, scheduler, scaler,
     random.setstate(rng["python"])
     for key in ("history", "lr_trace", "best_metric", "best_epoch", "skipped_steps"):
         setattr(result, key, state[key])
+    result.initial = state.get("initial", {})  # absent from checkpoints older than epoch 0's
     return state["step"], state["epoch"] + 1, state["initial_loss"]
