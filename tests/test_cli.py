@@ -67,7 +67,8 @@ def test_the_run_folder_holds_the_results_without_mlflow(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
     with open(out / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+        initial, *rows = list(csv.DictReader(f))
+    assert initial["epoch"] == "0" and float(initial["val_loss"]) > 0  # before the first step
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert {"train_loss", "val_loss", "val_mse", "lr", "grad_norm"} <= set(rows[0])
     assert [float(r["lr"]) for r in rows] == pytest.approx([0.03, 0.015, 0.0075])
@@ -76,6 +77,7 @@ def test_the_run_folder_holds_the_results_without_mlflow(tmp_path):
     assert f"status: {result['status']} after 3 epochs" in proc.stdout and result["epochs"] == 3
     assert result["metric"] == "val_mse" and result["direction"] == "minimize"
     assert result["final"]["val_mse"] == pytest.approx(float(rows[-1]["val_mse"]))
+    assert result["initial"]["val_loss"] == pytest.approx(float(initial["val_loss"]))
     best = min(rows, key=lambda r: float(r["val_mse"]))
     assert result["best"] == {"val_mse": pytest.approx(float(best["val_mse"])),
                               "epoch": int(best["epoch"])}

@@ -70,7 +70,7 @@ def test_finish_keeps_one_off_numbers_out_of_the_charts_and_logs_the_runs_figure
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/loss.png",
                                                                          "plots/lr.png"}
     # train() itself left the run's folder: every epoch's series and the result.
-    assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
+    assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 4  # header, epochs 0-2
     assert (tmp_path / "run" / "result.json").is_file()
 
 

@@ -26,16 +26,19 @@ def write(out_dir: str | Path, result: Any, checkpoint: Path | None = None,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for row in result.history for k in row))  # first seen first
+    # Epoch 0 holds what was measured before the first step (the loss at initialisation).
+    rows = ([{"epoch": 0, **result.initial}] if result.initial else []) + list(result.history)
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # first seen first
     with open(out / METRICS, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
-        writer.writerows(result.history)
+        writer.writerows(rows)
     final = {k: v for k, v in result.final.items() if k != "epoch"}
     summary = {
         "status": result.status,
         "name": name,
         "epochs": len(result.history),
+        "initial": {k: number(v) for k, v in result.initial.items()},
         "metric": result.metric_name,
         "direction": result.direction,
         "final": {k: number(v) for k, v in final.items()},
