@@ -26,6 +26,8 @@ from typing import Any
 import hydra
 import numpy as np
 from hydra.core.hydra_config import HydraConfig
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from sweep import CONF_DIR
@@ -238,12 +240,9 @@ def suggest_lr_bounds(cfg: DictConfig) -> tuple[float, float]:
 
 def lr_find_figure(result: LRFindResult, title: str = "LR range test"):
     """Loss against lr (log axis): raw steps faint, smoothed solid, both suggestions marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))  # matplotlib's Agg canvas: no display, no pyplot state
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.plot(result.lrs, result.losses, color="0.75", lw=0.8, label="batch loss")
     ax.plot(result.lrs[:len(result.smoothed)], result.smoothed, color="C0", lw=2,
             label="smoothed (until the loss explodes)")
@@ -297,15 +296,11 @@ def summary(result: LRFindResult) -> str:
 def run(cfg: DictConfig, out_dir: Path) -> LRFindResult:
     """The range test inside an MLflow run; writes the plot, the curve and the summary to
     `out_dir`. `cfg` (with its `lr_find` group) is checked already."""
-    import matplotlib.pyplot as plt
-
-
     out_dir.mkdir(parents=True, exist_ok=True)
     with mlflow_run(cfg, run_name_=f"lr_find-{run_name(cfg)}", tags={"kind": "lr_find"}) as tracker:
         result = lr_find(cfg, cfg.lr_find, tracker)
         fig = lr_find_figure(result, f"LR range test: {run_name(cfg)}")
         fig.savefig(out_dir / "lr_find.png", dpi=120)
-        plt.close(fig)
         (out_dir / "lr_find.csv").write_text(curve_csv(result))
         (out_dir / "summary.txt").write_text(summary(result) + "\n")
         if tracker is not None:

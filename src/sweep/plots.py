@@ -67,22 +67,32 @@ def lr_figure(rows_by_schedule: dict[str, list[dict[str, Any]]], x: str = "step"
 # --- training curves -----------------------------------------------------------------------------
 
 
+LOSS_LABELS = {"train_loss": "train_loss (mean of the epoch's batches, train mode)",
+               "train_eval_loss": "train_eval_loss (whole training split, eval mode)",
+               "val_loss": "val_loss"}
+
+
 def loss_figure(history: list[dict[str, Any]], metric_name: str,
-                title: str | None = None) -> Figure:
-    """Train and validation loss per epoch (log scale when they span decades), and the metric;
-    each panel is titled with what it shows, the figure with `title` (the run)."""
+                title: str | None = None, initial: dict[str, float] | None = None) -> Figure:
+    """The losses per epoch (log scale when they span decades), and the metric; each panel is
+    titled with what it shows, the figure with `title` (the run). `initial`: the values measured
+    before the first step, drawn at epoch 0."""
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
     loss_ax, metric_ax = fig.subplots(1, 2)
-    epochs = [h["epoch"] for h in history]
-    for key in ("train_loss", "val_loss"):
-        loss_ax.plot(epochs, [h[key] for h in history], marker=".", label=key)
-    losses = [h[k] for h in history for k in ("train_loss", "val_loss") if h[k] > 0]
+    rows = ([{"epoch": 0, **initial}] if initial else []) + list(history)
+    losses = []
+    for key, label in LOSS_LABELS.items():
+        points = [(r["epoch"], r[key]) for r in rows if key in r]
+        if points:
+            loss_ax.plot(*zip(*points, strict=True), marker=".", label=label)
+            losses += [v for _, v in points if v > 0]
     if losses and max(losses) / min(losses) > 100:
         loss_ax.set_yscale("log")
     loss_ax.set(xlabel="epoch", ylabel="loss")
-    loss_ax.legend()
-    metric_ax.plot(epochs, [h[metric_name] for h in history], marker=".", color="C2")
+    loss_ax.legend(fontsize="small")
+    points = [(r["epoch"], r[metric_name]) for r in rows if metric_name in r]
+    metric_ax.plot(*zip(*points, strict=True), marker=".", color="C3")
     metric_ax.set(xlabel="epoch", ylabel=metric_name)
     loss_ax.set_title("loss", fontsize="medium")
     metric_ax.set_title(metric_name, fontsize="medium")
@@ -90,7 +100,8 @@ def loss_figure(history: list[dict[str, Any]], metric_name: str,
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
-        fig.suptitle(title, fontsize="medium")
+        fig.suptitle(title + (" (epoch 0: before the first step)" if initial else ""),
+                     fontsize="medium")
     return fig
 
 
@@ -101,7 +112,8 @@ def run_figures(result: Any, run: str) -> dict[str, Figure]:
     figures = {}
     if result.history:
         figures["loss.png"] = loss_figure(result.history, result.metric_name,
-                                          title=f"{run}: loss and {result.metric_name}")
+                                          title=f"{run}: loss and {result.metric_name}",
+                                          initial=result.initial)
     if result.lr_trace:
         lrs = [r["lr"] for r in result.lr_trace]
         decades = min(lrs) > 0 and max(lrs) / min(lrs) > 100

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
@@ -59,7 +60,7 @@ from sweep.sensitivity_analysis import (
 )
 from sweep.study_plan import override_text, with_values
 from sweep.track import mlflow_run, summary_tags, tracking_uri, use_store
-from sweep.train import pick_device, train
+from sweep.train import describe_device, pick_device, train
 
 # Per-epoch losses (lower is better). train_eval_loss is the BN article's curve: the loss over the
 # whole training split in eval mode, with its value at initialisation (epoch 0) for the cap.
@@ -169,8 +170,6 @@ def in_grid_order(points: list[Point], s: DictConfig) -> list[Point]:
 def torch_threads(n: int | None) -> Iterator[None]:
     """Use n intra-op threads meanwhile: tiny models run several times faster on one thread,
     where several threads spend their time waiting for each other."""
-    import torch
-
     before = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)
@@ -264,20 +263,7 @@ class StudyResult:
     seconds: float
 
 
-def describe_device(name: str) -> str:
-    """The device runs train on, named the way timings need it (the GPU's model, or the cores)."""
-    import torch
-
-    device = pick_device(name)
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"{device.type} ({os.cpu_count()} CPUs)" if device.type == "cpu" else device.type
-
-
 def environment() -> str:
-    import torch
-
-
     return (f"torch {torch.__version__}, device {pick_device('auto')}, {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}, {platform.platform()}")
 
@@ -295,7 +281,7 @@ def run_study(argv: Sequence[str], out_dir: Path, cfg: DictConfig | None = None
     else:
         configs = point_configs(argv, s)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = describe_device(cfg.trainer.device)
+    device = describe_device(pick_device(cfg.trainer.device))
     started = time.perf_counter()
     tags = {"kind": "sensitivity", "factor": s.factor}
     with torch_threads(s.threads), mlflow_run(cfg, run_name_=s.name, tags=tags,

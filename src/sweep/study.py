@@ -21,6 +21,7 @@ from pathlib import Path
 
 import hydra
 import optuna
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -245,8 +246,6 @@ def run_study(argv: list[str], cfg: DictConfig | None = None) -> Summary:
 
 def work_here(plan: Plan, worker: Worker) -> None:
     """This process as one of the study's workers, on the connection it already has."""
-    import torch
-
     torch.set_num_threads(plan.threads)
     worker.run()
 

@@ -254,9 +254,12 @@ def history_figure(schedule: str, trials: list[optuna.trial.FrozenTrial], plan: 
     pruned = sum(trial_state(t) == "pruned" for t in trials)
     ax.set(xlabel="trial number", ylabel=plan.metric)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    numbers = [t.number for t in trials] or [0]
+    ax.set_xlim(min(numbers) - 0.5, max(numbers) + 0.5)  # whole trials, even with one drawn
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    notes = [n for n in (note, f"{pruned} pruned trials not drawn" if pruned else "") if n]
+    pruned_note = f"{pruned} pruned trial{'s' if pruned > 1 else ''} not drawn"
+    notes = [n for n in (note, pruned_note if pruned else "") if n]
     fig.suptitle(f"{schedule}: optimisation history ({plan.metric} of each finished trial)"
                  + (f"\n{'; '.join(notes)}" if notes else ""), fontsize="medium")
     return fig

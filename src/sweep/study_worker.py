@@ -332,7 +332,9 @@ def confirmation_record(result: Any, seed: int) -> dict[str, Any]:
     metric = result.metric_name
     final = result.final_metric if result.status != "diverged" else math.nan
     return {"seed": seed, "status": result.status, "final": final,
-            "curve": [h[metric] for h in result.history], "lr": lr[::every]}
+            "curve": [h[metric] for h in result.history], "lr": lr[::every],
+            "epoch_times": [h.get("epoch_time", math.nan) for h in result.history],
+            "device": result.device}
 
 
 def confirmation_records(study: optuna.Study, best: FrozenTrial, seeds: list[int]

@@ -497,6 +497,8 @@ class Tracker:
 def summary_tags(result: Any) -> dict[str, str]:
     """The run's status and one-off numbers, as tags: `best_val_acc`, `best_epoch`, ..."""
     tags = {"status": result.status, "epochs": str(len(result.history))}
+    if getattr(result, "device", ""):
+        tags["device"] = result.device
     if result.best_epoch:
         tags[f"best_{result.metric_name}"] = f"{result.best_metric:.6g}"
         tags["best_epoch"] = str(result.best_epoch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import time
@@ -42,6 +43,8 @@ class TrainResult:
     skipped_steps: int = 0          # optimizer steps AMP's gradient scaler skipped (inf/nan grads)
     initial: dict[str, float] = field(default_factory=dict)  # epoch 0: evaluated before any step
     run_id: str | None = None
+    device: str = ""                # what it trained on, as `describe_device` names it
+
 
     @property
     def final(self) -> dict[str, float]:
@@ -61,6 +64,17 @@ def pick_device(name: str) -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    """The device named the way timings need it: the GPU's model, or the CPU cores the process
+    may use (a run's seconds mean little without it)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    if device.type == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return f"cpu ({cores} cores, {torch.get_num_threads()} threads)"
+    return device.type
 
 
 def pick_amp(name: str, device: torch.device) -> torch.dtype | None:
@@ -302,7 +316,7 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
     ckpt_path = Path(t.checkpoint.path) if t.checkpoint.path else out_dir / "checkpoint.pt"
 
     result = TrainResult(status="completed", metric_name=metric_name, direction=direction,
-                         run_id=getattr(tracker, "run_id", None))
+                         run_id=getattr(tracker, "run_id", None), device=describe_device(device))
     better = (lambda a, b: a > b) if direction == "maximize" else (lambda a, b: a < b)
     step, start_epoch, initial_loss = 0, 1, None
     settings = resume_settings(cfg)  # saved with each checkpoint, compared when resuming
