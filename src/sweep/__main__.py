@@ -11,12 +11,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from sweep import CONF_DIR, run_folder
+from sweep.checkpoint import read_checkpoint
 from sweep.config import ConfigError, fail, tracking_source, validate, with_choices
 from sweep.data import DataError
 from sweep.plots import run_figures
 from sweep.schedules import validate_scheduler
 from sweep.track import mlflow_run, run_name, tracking_uri, use_store
-from sweep.train import TrainResult, default_output_dir, read_checkpoint, setup, train
+from sweep.train import TrainResult, default_output_dir, setup, train
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> TrainResult:
