@@ -55,12 +55,13 @@ def main() -> None:
     import sweep.train
     from sweep.config import compose
     from sweep.launch import threads_per_worker
+    from sweep.mlflow_store import use_store
     from sweep.study import make_plan, open_studies, parent_run
     from sweep.study_optuna import make_pruner, make_sampler
     from sweep.study_plan import with_values
     from sweep.study_storage import create_study
     from sweep.study_worker import Worker
-    from sweep.track import mlflow_run, use_store
+    from sweep.track import mlflow_run
     from sweep.train import train
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -14,7 +14,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from sweep.config import compose
-from sweep.track import KIND, KIND_TAG, Tracker, tracking_uri, use_store
+from sweep.mlflow_store import KIND, KIND_TAG, tracking_uri, use_store
+from sweep.track import Tracker
 from sweep.train import train
 
 MLFLOW = Path(sys.executable).with_name("mlflow")
@@ -104,7 +105,7 @@ def test_an_existing_experiment_gets_the_kind_tag_that_opens_it_on_its_runs(clie
 RACER = """
 import sys, time
 from pathlib import Path
-from sweep.track import use_store
+from sweep.mlflow_store import use_store
 Path(sys.argv[1] + ".ready").touch()
 while not Path(sys.argv[2]).exists():
     time.sleep(0.005)

@@ -24,7 +24,7 @@ from sweep import CONF_DIR
 from sweep.compare import Comparison, Run, compare, html_page, steps_per_epoch
 from sweep.compare_plots import figures
 from sweep.config import ConfigError, check_choice, check_in_range, fail
-from sweep.track import use_store
+from sweep.mlflow_store import use_store
 
 # Settings: the `report` group (conf/report/default.yaml), composed by conf/report.yaml on top of
 # the study's config (conf/sweep.yaml), so `study=tiny` names a study too.

@@ -47,6 +47,7 @@ from sweep.config import (
     with_choices,
 )
 from sweep.data import DataError
+from sweep.mlflow_store import tracking_uri, use_store
 from sweep.sensitivity_analysis import (
     Point,
     Summary,
@@ -59,7 +60,7 @@ from sweep.sensitivity_analysis import (
     tables,
 )
 from sweep.study_plan import override_text, with_values
-from sweep.track import mlflow_run, summary_tags, tracking_uri, use_store
+from sweep.track import mlflow_run, summary_tags
 from sweep.train import describe_device, pick_device, train
 
 # Per-epoch losses (lower is better). train_eval_loss is the BN article's curve: the loss over the

@@ -39,13 +39,14 @@ from sweep.data import DataError, declared_task, load_data
 from sweep.dburl import MissingDriver
 from sweep.launch import launch, threads_per_worker
 from sweep.lr_find import suggest_lr_bounds
+from sweep.mlflow_store import tracking_uri, use_store
 from sweep.schedules import search_space
 from sweep.study_optuna import grid_values, used_budget
 from sweep.study_plan import Plan, schedule_overrides, without_scheduler
 from sweep.study_report import Summary, summarize
 from sweep.study_storage import create_study, default_storage, is_journal, once
 from sweep.study_worker import Worker
-from sweep.track import Tracker, flatten, run_tags, tracking_uri, use_store
+from sweep.track import Tracker, flatten, run_tags
 from sweep.train import loss_and_metric
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
