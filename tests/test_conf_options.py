@@ -13,9 +13,10 @@ import torch
 
 from sweep import CONF_DIR
 from sweep.config import ConfigError, compose, validate
-from sweep.data import DataError, declared_task, load_data
+from sweep.data import declared_task, load_data
 from sweep.models import build_model
 from sweep.optim import build_optimizer
+from sweep.validation import DataError
 
 ARCHIVES = Path(__file__).parents[2] / "shared" / "data"  # real MNIST archives, never committed
 # A settings group is composed by its own app's top-level config; every other group by config.yaml.

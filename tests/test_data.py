@@ -7,21 +7,21 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from sweep.archives import official_train_set
 from sweep.config import ConfigError
 from sweep.data import (
-    DataError,
     augment_batch,
     cifar10,
     digits,
     load_data,
     make_regression,
     mnist,
-    official_train_set,
     synthetic_classification,
     synthetic_regression,
     tensor_batches,
 )
 from sweep.models import build_model
+from sweep.validation import DataError
 
 CONF = Path(__file__).parents[1] / "conf"
 ARCHIVES = Path(__file__).parents[2] / "shared" / "data"  # ../shared/data from the repo root

@@ -13,12 +13,12 @@ from omegaconf import DictConfig
 from sweep import CONF_DIR, run_folder
 from sweep.checkpoint import read_checkpoint
 from sweep.config import ConfigError, fail, tracking_source, validate, with_choices
-from sweep.data import DataError
 from sweep.mlflow_store import tracking_uri, use_store
 from sweep.plots import run_figures
 from sweep.schedules import validate_scheduler
 from sweep.track import mlflow_run, run_name
 from sweep.train import TrainResult, default_output_dir, setup, train
+from sweep.validation import DataError
 
 
 def run(cfg: DictConfig, output_dir: str | Path | None = None) -> TrainResult:

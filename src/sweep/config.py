@@ -22,11 +22,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sweep import CONF_DIR
-from sweep.data import DataError, validate_dataset
+from sweep.data import validate_dataset
 from sweep.models import validate_model
 from sweep.optim import validate_optimizer
 from sweep.validation import (  # noqa: F401  (re-exported: callers import them from here)
     ConfigError,
+    DataError,
     check_choice,
     check_finite,
     check_in_range,

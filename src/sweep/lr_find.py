@@ -40,10 +40,11 @@ from sweep.config import (
     validate,
     with_choices,
 )
-from sweep.data import DataError, augment_batch
+from sweep.data import augment_batch
 from sweep.study_plan import override_text
 from sweep.track import mlflow_run, run_name
 from sweep.train import batches, setup
+from sweep.validation import DataError
 
 # --- the range test ---------------------------------------------------------------------------
 

@@ -46,7 +46,6 @@ from sweep.config import (
     validate,
     with_choices,
 )
-from sweep.data import DataError
 from sweep.mlflow_store import tracking_uri, use_store
 from sweep.sensitivity_analysis import (
     Point,
@@ -62,6 +61,7 @@ from sweep.sensitivity_analysis import (
 from sweep.study_plan import override_text, with_values
 from sweep.track import mlflow_run, summary_tags
 from sweep.train import describe_device, pick_device, train
+from sweep.validation import DataError
 
 # Per-epoch losses (lower is better). train_eval_loss is the BN article's curve: the loss over the
 # whole training split in eval mode, with its value at initialisation (epoch 0) for the cap.

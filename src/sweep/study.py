@@ -35,7 +35,7 @@ from sweep.config import (
     validate,
     with_choices,
 )
-from sweep.data import DataError, declared_task, load_data
+from sweep.data import declared_task, load_data
 from sweep.dburl import MissingDriver
 from sweep.launch import launch, threads_per_worker
 from sweep.lr_find import suggest_lr_bounds
@@ -48,6 +48,7 @@ from sweep.study_storage import create_study, default_storage, is_journal, once
 from sweep.study_worker import Worker
 from sweep.track import Tracker, flatten, run_tags
 from sweep.train import loss_and_metric
+from sweep.validation import DataError
 
 SAMPLERS = ("tpe", "random", "grid", "cmaes", "qmc")
 PRUNERS = ("median", "halving", "hyperband", "none")

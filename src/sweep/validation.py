@@ -1,4 +1,4 @@
-"""The primitives of validation: the one error type and the checks that name key, value and what
+"""The primitives of validation: the error types and the checks that name key, value and what
 is allowed. Leaf modules (data, models, optim, schedules) use them; `sweep.config` composes them
 into whole-config validation, so nothing here imports another module of ours.
 """
@@ -13,6 +13,10 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and what is allowed."""
+
+
+class DataError(RuntimeError):
+    """A dataset that cannot be loaded (files missing or corrupt); the message says the fix."""
 
 
 def locate(path: str) -> Any:

@@ -26,6 +26,7 @@ from sweep import CONF_DIR
 from sweep.config import ConfigError, check_choice, check_int_at_least, compose, override_key
 from sweep.schedules.build import build_scheduler
 from sweep.schedules.lengths import Budget
+from sweep.validation import DataError
 
 _ABSENT = object()
 
@@ -126,8 +127,6 @@ def main(cfg: DictConfig) -> None:
         budget = budget_from_config(cfg)
         rows = {name: simulate(c, budget) for name, c in configs.items()}
     except Exception as err:
-        from sweep.data import DataError  # late: the data module is slow to import
-
         if not isinstance(err, ConfigError | DataError):
             raise
         print(f"sweep.schedules: error: {err}", file=sys.stderr)
