@@ -5,7 +5,7 @@ ARGS ?=
 STORE ?= $(if $(MLFLOW_TRACKING_URI),$(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 
 .PHONY: help install run sweep schedules study-bn lr-find report test test-slow test-gpu bench \
-	bench-study ui ui-check server server-stop lint clean
+	bench-study bench-fused ui ui-check server server-stop lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,6 +51,9 @@ bench: install  ## trainer overhead against a hand-written loop
 
 bench-study: install  ## the study's own cost per trial against training time
 	$(PY) scripts/bench_study.py
+
+bench-fused: install  ## fused trials against one run after another (MLP members)
+	$(PY) scripts/bench_fused.py --repeats 5 --engines
 
 ui: install  ## open the MLflow UI on the store runs log to (in "Model training" mode)
 	@echo "open http://127.0.0.1:5000 and switch the toggle at the top left to 'Model training'"

@@ -1,0 +1,160 @@
+"""Time fused trials against the same runs one after another; print unfused / fused wall time.
+
+The work is the BN article's MLP (3 hidden layers of 4, tanh) on its synthetic regression data,
+plain SGD, 40 epochs in batches of 50, at lrs 0.1, 0.03, 0.01 and 0.005 crossed with seeds (16 or
+64 members); and 16 members with BatchNorm before the activation. One after another is
+`sweep.train.train(cfg)` per config; fused is `sweep.fused.train_fused(cfgs)`. Both evaluate
+after every epoch (val and the training split in eval mode) and track nothing (tracking=none:
+MLflow's per-run cost is the study's, not the trainer's). Each case is timed twice: end to end
+(each member's config checked, its data, model, optimizer and schedule built, then trained), and
+training only (`setup(cfg)` / `member_parts(cfgs)` built outside the clock; both still check
+each config and build its schedule). Both run on one torch thread, as the BN study does
+(several threads are slower on width-4 nets). Repeats are interleaved, unfused then fused; the
+ratio is each repeat's pair, printed as the median and range.
+
+`--engines` times the choice inside fusion: one training step of 16 members by
+`torch.func.vmap` over `functional_call` with stacked module state, against `sweep.fused`'s
+batched matmuls (both forward, backward and the same SGD update).
+
+    python scripts/bench_fused.py [--repeats 5] [--only mlp16 mlp64 bn16] [--engines]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+
+from sweep.config import compose
+from sweep.fused import member_parts, train_fused
+from sweep.fused.mlp import FusedMLP
+from sweep.train import setup, train
+
+ARTICLE = ["dataset=synthetic_regression", "model=mlp", "model.hidden=[4,4,4]",
+           "model.activation=tanh", "optimizer=sgd", "optimizer.momentum=0",
+           "scheduler=constant", "trainer.epochs=40", "trainer.batch_size=50", "trainer.loss=mse",
+           "trainer.amp=off", "trainer.device=cpu", "trainer.progress=false", "tracking=none"]
+LRS = (0.1, 0.03, 0.01, 0.005)
+CASES = {"mlp16": (16, "none"), "mlp64": (64, "none"), "bn16": (16, "pre")}
+
+
+def configs(members: int, bn: str) -> list:
+    """`members` configs: each lr with seeds 929, 1, 2, ... (the BN study's grid)."""
+    seeds = [929, *range(1, members // len(LRS))]
+    return [compose([*ARTICLE, f"model.bn={bn}", f"seed={seed}", f"optimizer.lr={lr}"])
+            for seed in seeds for lr in LRS]
+
+
+def one_after_another(cfgs: list, out: str, built: bool) -> float:
+    """Seconds to train each config alone; `built`: each member's parts built outside the clock."""
+    parts = [setup(cfg) for cfg in cfgs] if built else [None] * len(cfgs)
+    start = time.perf_counter()
+    for cfg, part in zip(cfgs, parts, strict=True):
+        train(cfg, output_dir=out, parts=part)
+    return time.perf_counter() - start
+
+
+def fused(cfgs: list, built: bool) -> float:
+    """Seconds to train the configs fused; `built`: the members' parts built outside the clock."""
+    parts = member_parts(cfgs) if built else None
+    start = time.perf_counter()
+    train_fused(cfgs, parts=parts)
+    return time.perf_counter() - start
+
+
+def engine_steps(bn: str) -> dict:
+    """For 16 members: one training step by vmap, and one by batched matmuls, on one batch."""
+    parts = member_parts(configs(16, bn))
+    models = [p.model for p in parts]
+    x = torch.stack([p.data.x_train[:50] for p in parts])
+    y = torch.stack([p.data.y_train[:50] for p in parts])
+    lr = torch.full((16, 1), 0.01)
+
+    params, buffers = stack_module_state(copy.deepcopy(models))
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def member_loss(p, b, xb, yb):
+        return F.mse_loss(functional_call(base, (p, b), (xb,)), yb)
+
+    step_grads = vmap(grad_and_value(member_loss), randomness="different")
+
+    def by_vmap() -> None:
+        grads, _ = step_grads(params, buffers, x, y)
+        with torch.no_grad():
+            for key, p in params.items():
+                p.sub_(grads[key] * lr.view(-1, *[1] * (p.dim() - 1)))
+
+    model = FusedMLP(models)
+
+    def by_bmm() -> None:
+        loss = F.mse_loss(model.forward(x, True), y, reduction="none").flatten(1).mean(1)
+        grad = model.flat_grads(torch.autograd.grad(loss.sum(), model.params))
+        with torch.no_grad():
+            model.flat.sub_(grad * lr)
+
+    return {"vmap": by_vmap, "bmm": by_bmm}
+
+
+def engines(steps: int, repeats: int) -> None:
+    """Milliseconds a step of each engine, interleaved, medians of `repeats` x `steps`."""
+    for bn in ("none", "pre"):
+        runs = engine_steps(bn)
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                for _ in range(steps):
+                    run()
+                times[name].append((time.perf_counter() - start) / steps * 1e3)
+        v, b = statistics.median(times["vmap"]), statistics.median(times["bmm"])
+        print(f"engines, 16 members, bn={bn}: vmap {v:.3f} ms a step, bmm {b:.3f} ms a step, "
+              f"vmap / bmm {v / b:.2f} (medians of {repeats} x {steps} steps; vmap "
+              f"{min(times['vmap']):.3f}-{max(times['vmap']):.3f}, bmm "
+              f"{min(times['bmm']):.3f}-{max(times['bmm']):.3f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", nargs="*", choices=list(CASES), help="cases (default: all)")
+    parser.add_argument("--engines", action="store_true", help="also vmap against bmm")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out = tempfile.mkdtemp(prefix="bench-fused-")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, Python {platform.python_version()}, "
+          f"{os.cpu_count()} cores, 1 torch thread, load average {load:.2f} at the start")
+    if args.engines:
+        engines(steps=200, repeats=args.repeats)
+    for name in args.only or CASES:
+        members, bn = CASES[name]
+        cfgs = configs(members, bn)
+        one_after_another(cfgs[:2], out, False)  # warm-up: imports, the first dataset and model
+        fused(cfgs[:2], False)
+        for built in (False, True):
+            alone, together = [], []
+            for _ in range(args.repeats):
+                alone.append(one_after_another(cfgs, out, built))
+                together.append(fused(cfgs, built))
+            ratios = sorted(a / f for a, f in zip(alone, together, strict=True))
+            what = "training only" if built else "end to end   "
+            print(f"{name:6s} {members} members, bn={bn}, {what}: one after another "
+                  f"{statistics.median(alone):6.2f} s ({min(alone):.2f}-{max(alone):.2f}), "
+                  f"fused {statistics.median(together):5.2f} s "
+                  f"({min(together):.2f}-{max(together):.2f}), ratio "
+                  f"{statistics.median(ratios):5.1f} (paired, {ratios[0]:.1f}-{ratios[-1]:.1f}; "
+                  f"{args.repeats} repeats)")
+    if hasattr(os, "getloadavg"):
+        print(f"load average {os.getloadavg()[0]:.2f} at the end")
+
+
+if __name__ == "__main__":
+    main()

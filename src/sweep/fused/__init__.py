@@ -1,0 +1,44 @@
+"""Fused trials: many compatible runs of one model trained at once, each exactly as it trains alone.
+
+A sweep is many small trainings of one architecture (the BN study's 80 width-4 MLPs, a study's
+schedules x seeds). Alone, each keeps a CPU core busy with Python and kernel launches, or leaves a
+GPU nearly idle. Fused, N members are one wider model (HFTA, Wang et al., MLSys 2021): one batched
+matmul per Linear layer, BatchNorm over the members' channels, and one optimizer step over a
+(members, numel) tensor whose hyperparameters are per-member rows.
+
+The modules, in reading order:
+- `groups`: `fusable(configs, max_size)` -> (groups of indices, {index: why not}); what a group
+  shares (model, dataset, trainer, the optimizer's update rule and parameter-group patterns) and
+  what its members may differ in (every optimizer value, schedule and its knobs, warmup, seed);
+- `mlp`: `FusedMLP`, the members' `nn.Sequential`s of Flatten, Linear, BatchNorm1d (`bn: none |
+  pre | post`, each member's running statistics its own channels) and activations;
+- `optim`: `FusedOptimizer`, PyTorch's SGD (momentum, dampening, nesterov, weight decay),
+  Adam/AdamW, RMSprop (momentum, centered) and Adagrad update rules on the stacked weights, each
+  member's values read from its own `torch.optim` optimizer, which its own scheduler (the same
+  torch class as alone) steps;
+- `loop`: `train_fused(cfgs, callbacks, trackers)` -> one `TrainResult` per config, and
+  `member_parts(cfgs)`, the members' `Setup`s over data loaded once.
+
+Each member draws its initial weights after its own seed, and its batch order from its own
+generator, as `sweep.train.setup` does; a member that diverges, or whose callback (an Optuna
+pruner) stops it, leaves the fused rows and the others train on.
+
+Why batched matmuls and not `torch.func.vmap`: both were measured on the development machine's
+2-core CPU before choosing (a prototype: vmap took 2.5x the time without BatchNorm, 3.4x with it),
+and again by `python scripts/bench_fused.py --engines` (16 members of the article's 3 x 4 tanh
+MLP, batch 50, forward, backward and the same SGD update, one torch thread, medians of 5 x 200
+steps): vmap over `functional_call` with stacked module state 1.35 ms a step, batched matmuls
+0.34 ms (3.97x); with BatchNorm before the activation 2.38 ms against 0.64 ms (3.74x). vmap adds
+its own dispatch to every op, and BatchNorm under it needs every member's statistics as batched
+buffers updated in place; `bmm` is one kernel per layer, and BatchNorm over (batch, members x
+features) is PyTorch's own kernel, which gives each member its own statistics exactly. The flat
+(members, numel) weights make the optimizer step a handful of ops whatever the depth.
+
+Not yet: the CNN (grouped convolutions), ResNet-18, AMP, checkpoints, dropout, augmentation;
+`fusable` gives those configs a reason, and callers train them alone.
+"""
+
+from sweep.fused.groups import fusable, why_not
+from sweep.fused.loop import member_parts, train_fused
+
+__all__ = ["fusable", "member_parts", "train_fused", "why_not"]

@@ -1,0 +1,123 @@
+"""N members of one MLP as one wider model: a batched matmul per Linear, BatchNorm over the members'
+channels (HFTA's horizontal fusion), each member's weights a row of a stacked tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Elementwise modules act on (members, batch, features) as on (batch, features).
+ELEMENTWISE = (nn.Tanh, nn.ReLU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Identity)
+
+
+class FusedMLP:
+    """The members' `nn.Sequential`s of Flatten, Linear, BatchNorm1d and activations, stacked.
+
+    Inputs and outputs are (members, batch, features). All of a member's parameters are one row
+    of `flat` (members, numel), in the order of its `named_parameters()`; `params` are views of it
+    shaped as the forward pass uses them (a Linear's weight transposed; the leaves gradients are
+    taken of), so an optimizer updates every layer of every member with a few ops on `flat`.
+    Everything elementwise or per member (optimizers, norms, clipping) is blind to that layout.
+    """
+
+    def __init__(self, models: Sequence[nn.Sequential]):
+        first = models[0]
+        self.names = [name for name, _ in first.named_parameters()]
+        self.params: list[Tensor] = []
+        self.stats: list[Tensor] = []  # BatchNorm running means and variances, (members, h) each
+        self.layers: list[tuple] = []  # what forward does, in order; indices into params/stats
+        for index, module in enumerate(first):
+            same = [m[index] for m in models]
+            if isinstance(module, nn.Flatten):
+                self.layers.append(("flatten",))
+            elif isinstance(module, nn.Linear):
+                # Stored as x @ weight and bias need them, (in, out) and (1, out): no transposes or
+                # broadcasts to take (and differentiate) each step. named_parameters() order.
+                weight = self._stack(m.weight.T for m in same)
+                bias = None if module.bias is None else self._stack(
+                    m.bias.unsqueeze(0) for m in same)
+                self.layers.append(("linear", weight, bias))
+            elif isinstance(module, nn.BatchNorm1d):
+                self.layers.append(self._batch_norm(module, same))
+            elif isinstance(module, ELEMENTWISE):
+                self.layers.append(("elementwise", module))
+            else:
+                raise ValueError(f"cannot fuse a {type(module).__name__} layer (layer {index})")
+        if [p[0].numel() for p in self.params] != [p.numel() for p in first.parameters()]:
+            raise ValueError("some parameters of the model are not in a layer fusion knows")
+        self.shapes = [p.shape[1:] for p in self.params]
+        self.flat = torch.cat([p.flatten(1) for p in self.params], dim=1)
+        self._views()
+
+    def _stack(self, tensors) -> int:
+        self.params.append(torch.stack([t.detach() for t in tensors]))
+        return len(self.params) - 1
+
+    def _views(self) -> None:
+        # Views of `flat` that are leaves of their own: `flat` has no grad, so in-place updates
+        # of it between steps are what the next forward reads.
+        self.params, start = [], 0
+        for shape in self.shapes:
+            size = shape.numel()
+            view = self.flat[:, start:start + size].view(len(self.flat), *shape)
+            self.params.append(view.requires_grad_())
+            start += size
+
+    def flat_grads(self, grads: Sequence[Tensor]) -> Tensor:
+        """Gradients of `params` as rows like `flat`'s."""
+        return torch.cat([g.flatten(1) for g in grads], dim=1)
+
+    def columns(self, names: Sequence[str]) -> list[int]:
+        """The columns of `flat` that hold the named parameters."""
+        starts, start = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            starts[name] = range(start, start + shape.numel())
+            start += shape.numel()
+        return [c for name in names for c in starts[name]]
+
+    def _batch_norm(self, module: nn.BatchNorm1d, same: list[nn.BatchNorm1d]) -> tuple:
+        if not module.track_running_stats or module.momentum is None:
+            raise ValueError("fusion needs BatchNorm1d with running statistics and a momentum")
+        weight = bias = None
+        if module.affine:
+            weight = self._stack(m.weight for m in same)
+            bias = self._stack(m.bias for m in same)
+        self.stats += [torch.stack([m.running_mean for m in same]),
+                       torch.stack([m.running_var for m in same])]
+        return ("batch_norm", weight, bias, len(self.stats) - 2, module.momentum, module.eps)
+
+    def forward(self, x: Tensor, training: bool) -> Tensor:
+        """(members, batch, *in_shape) -> (members, batch, outputs); `training`: BN's mode."""
+        p = self.params
+        for layer in self.layers:
+            kind = layer[0]
+            if kind == "linear":
+                _, w, b = layer
+                x = torch.bmm(x, p[w]) if b is None else torch.baddbmm(p[b], x, p[w])
+            elif kind == "elementwise":
+                x = layer[1](x)
+            elif kind == "flatten":
+                x = x.flatten(2)
+            else:
+                x = self._normalise(x, layer, training)
+        return x
+
+    def _normalise(self, x: Tensor, layer: tuple, training: bool) -> Tensor:
+        # Members side by side as channels: (batch, members * h). Each channel's statistics are
+        # one member's feature over the batch, exactly what its own BatchNorm1d computes.
+        _, w, b, s, momentum, eps = layer
+        members, batch, h = x.shape
+        weight = None if w is None else self.params[w].reshape(-1)
+        bias = None if b is None else self.params[b].reshape(-1)
+        out = F.batch_norm(x.transpose(0, 1).reshape(batch, members * h), self.stats[s].view(-1),
+                           self.stats[s + 1].view(-1), weight, bias, training, momentum, eps)
+        return out.view(batch, members, h).transpose(0, 1)
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only these members (a stopped member's rows leave the computation)."""
+        self.flat = self.flat.index_select(0, rows)
+        self._views()
+        self.stats = [s.index_select(0, rows) for s in self.stats]

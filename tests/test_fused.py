@@ -1,0 +1,243 @@
+"""Fused trials: members trained at once give each member the run it has alone.
+
+Each test trains the same configs twice, one at a time with `sweep.train.train` and together with
+`train_fused`, on real data, and compares every per-epoch number, the lr of every step and the
+status. In float64 the two differ only by the order of floating-point sums (a batched matmul
+against one matmul per member: the first layer's weight gradient differs by an ulp now and then),
+so they agree to 1e-9 relative. Not at any lr: a run on the edge of chaos amplifies an ulp like any
+other change of summation order (another BLAS would too). BatchNorm after a saturated tanh did
+~100x an epoch here: `bn=post`, SGD lr 0.05 with momentum 0.5, was 1e-4 apart by epoch 3, so the
+members below train at lrs below that edge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import mlflow
+import pytest
+import torch
+
+from sweep.config import compose
+from sweep.fused import fusable, member_parts, train_fused
+from sweep.track import Tracker
+from sweep.train import Setup, TrainResult, setup, train
+
+REGRESSION = ["dataset=synthetic_regression", "model=mlp", "scheduler=constant",
+              "trainer.batch_size=50", "trainer.epochs=4", "trainer.progress=false",
+              "tracking=none"]
+SGD = ["optimizer=sgd", "optimizer.momentum=0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Width-4 MLPs run faster on one torch thread than on several (as the BN study sets it), and
+    on a busy machine several threads wait on each other for every tiny op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def float64(parts: Setup) -> Setup:
+    """The same parts in float64: weights drawn in float32 as always, then widened exactly."""
+    parts.model.double()
+    for state in parts.optimizer.state.values():  # Adagrad makes its sums when it is built
+        state.update({k: v.double() for k, v in state.items() if v.is_floating_point()})
+    data = parts.data
+    parts.data = dataclasses.replace(data, **{
+        k: getattr(data, k).double() if getattr(data, k).is_floating_point() else getattr(data, k)
+        for k in ("x_train", "y_train", "x_val", "y_val")})
+    return parts
+
+
+def alone_and_fused(cfgs, tmp_path, wide: bool = True, callbacks=None
+                    ) -> list[tuple[TrainResult, TrainResult]]:
+    """Each config trained alone, and all of them fused; float64 unless `wide` is false."""
+    widen = float64 if wide else (lambda parts: parts)
+    callbacks = callbacks or [None] * len(cfgs)
+    alone = [train(cfg, callback=cb, parts=widen(setup(cfg)), output_dir=tmp_path / str(i))
+             for i, (cfg, cb) in enumerate(zip(cfgs, callbacks, strict=True))]
+    fused = train_fused(cfgs, callbacks=callbacks,
+                        parts=[widen(parts) for parts in member_parts(cfgs)])
+    return list(zip(alone, fused, strict=True))
+
+
+def assert_same_run(alone: TrainResult, fused: TrainResult, rel: float = 1e-9,
+                    epochs: int | None = None) -> None:
+    """Same status, epochs, lrs at every step, and every per-epoch number within `rel`
+    (`epochs`: only the first so many epochs, and not how the run ended)."""
+    if epochs is None:
+        assert fused.status == alone.status
+        assert len(fused.history) == len(alone.history)
+        assert fused.lr_trace == alone.lr_trace  # each member's lr at every step, exactly
+    for mine, theirs in list(zip(fused.history, alone.history, strict=True))[:epochs]:
+        assert list(mine) == list(theirs)
+        for key, value in theirs.items():
+            if key != "epoch_time" and math.isfinite(value):
+                assert mine[key] == pytest.approx(value, rel=rel, abs=0), (key, mine["epoch"])
+    for key, value in alone.initial.items():
+        assert fused.initial[key] == pytest.approx(value, rel=rel)
+
+
+# Members of one group differ in seed (so in initial weights, batch order and, through
+# dataset.seed, their split of the data), lr, optimizer values and schedule kind.
+MEMBERS = {
+    "sgd": [["seed=929", "optimizer.lr=0.03"],
+            ["seed=1", "optimizer.lr=0.01", "optimizer.momentum=0.9", "scheduler=cosine"],
+            ["seed=2", "optimizer.lr=0.005", "optimizer.momentum=0.8", "optimizer.nesterov=true",
+             "optimizer.weight_decay=0.01", "scheduler=step"],
+            ["seed=3", "optimizer.lr=0.01", "optimizer.momentum=0.5",
+             "+optimizer.dampening=0.3", "scheduler=cosine_warmup"],  # per step, with warmup
+            ["seed=4", "optimizer.lr=0.01", "optimizer.momentum=0.9", "scheduler=onecycle",
+             "scheduler.cycle_momentum=true"]],  # moves each step's momentum too
+    "adam": [["seed=929", "optimizer.lr=0.01"],
+             ["seed=1", "optimizer.lr=0.003", "optimizer.betas=[0.8,0.99]", "scheduler=onecycle"],
+             ["seed=2", "optimizer.lr=0.01", "optimizer.weight_decay=0.01", "scheduler=plateau",
+              "scheduler.patience=0"]],
+    "adamw": [["seed=929", "optimizer.lr=0.01", "scheduler=wsd"],
+              ["seed=1", "optimizer.lr=0.02", "optimizer.weight_decay=0.1",
+               "optimizer.eps=1e-6", "scheduler=exponential"]],
+    "rmsprop": [["seed=929", "optimizer.lr=0.003"],
+                ["seed=1", "optimizer.lr=0.001", "optimizer.momentum=0.9",
+                 "+optimizer.centered=true", "scheduler=cosine"],
+                ["seed=2", "optimizer.lr=0.002", "optimizer.alpha=0.9",
+                 "optimizer.weight_decay=0.01", "scheduler=linear"]],
+    "adagrad": [["seed=929", "optimizer.lr=0.05"],
+                ["seed=1", "optimizer.lr=0.02", "optimizer.lr_decay=0.01",
+                 "+optimizer.initial_accumulator_value=0.1", "scheduler=step"]],
+}
+
+
+@pytest.mark.parametrize("bn", ["none", "pre", "post"])
+@pytest.mark.parametrize("optimizer", list(MEMBERS))
+def test_every_member_trains_as_it_does_alone(optimizer, bn, tmp_path):
+    base = [*REGRESSION, f"optimizer={optimizer}", f"model.bn={bn}"]
+    if optimizer == "sgd":
+        base.append("optimizer.momentum=0")
+    if bn == "pre" and optimizer != "sgd":
+        # A bias right before BatchNorm cancels out: its gradient is rounding noise (1e-17),
+        # which Adam, RMSprop and Adagrad divide by its own size into lr-sized steps, so that
+        # bias (and the running mean it feeds, used in eval mode) follows the summation order.
+        # Without it, exact.
+        base.append("model.bias=false")
+    cfgs = [compose([*base, *member]) for member in MEMBERS[optimizer]]
+
+    for alone, fused in alone_and_fused(cfgs, tmp_path):
+        assert_same_run(alone, fused)
+
+
+def test_classification_with_clipping_and_per_layer_lrs(tmp_path):
+    base = ["dataset=digits", "dataset.flatten=true", "model=mlp", "model.hidden=[32]",
+            "optimizer=sgd", "scheduler=cosine", "trainer.batch_size=64", "trainer.epochs=3",
+            "trainer.clip.mode=norm", "trainer.clip.max=0.5", "trainer.progress=false",
+            "tracking=none", "optimizer.param_groups=[{pattern: '^1\\.', lr_scale: 0.1}]"]
+    cfgs = [compose([*base, "seed=1"]), compose([*base, "seed=2", "optimizer.lr=0.2"])]
+
+    for alone, fused in alone_and_fused(cfgs, tmp_path):
+        assert alone.metric_name == fused.metric_name == "val_acc"
+        assert {row["group"] for row in fused.lr_trace} == {"default", "^1\\."}
+        assert_same_run(alone, fused)
+
+
+def test_a_member_that_diverges_stops_while_the_others_train_on(tmp_path):
+    # Member 1's warmup climbs from lr 0.002 to 20 over three epochs: it diverges mid-run.
+    members = [["seed=929", "optimizer.lr=0.03"],
+               ["seed=1", "optimizer.lr=20", "scheduler.warmup={length: 3, start_factor: 1e-4}"],
+               ["seed=2", "optimizer.lr=0.01", "scheduler=cosine"]]
+    cfgs = [compose([*REGRESSION, *SGD, *member]) for member in members]
+
+    runs = alone_and_fused(cfgs, tmp_path)
+
+    (_, first), (alone, diverged), (_, last) = runs
+    assert diverged.status == "diverged" and 1 < len(diverged.history) < 4
+    assert first.status != "diverged" and len(first.history) == len(last.history) == 4
+    for alone, fused in runs:
+        assert_same_run(alone, fused)
+
+
+def test_a_callback_stops_its_member_only(tmp_path):
+    # As an Optuna pruner does: member 0 is stopped after its second epoch.
+    cfgs = [compose([*REGRESSION, *SGD, f"seed={seed}", "optimizer.lr=0.02"]) for seed in (1, 2)]
+    callbacks = [lambda epoch, metrics: epoch == 2, None]
+
+    runs = alone_and_fused(cfgs, tmp_path, callbacks=callbacks)
+
+    assert [fused.status for _, fused in runs][0] == "stopped"
+    assert [len(fused.history) for _, fused in runs] == [2, 4]
+    for alone, fused in runs:
+        assert_same_run(alone, fused)
+
+
+def test_each_member_logs_to_its_own_mlflow_run(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("fused")
+    trackers = [Tracker(client.create_run(experiment).info.run_id) for _ in range(2)]
+    cfgs = [compose([*REGRESSION, *SGD, f"seed={seed}", "optimizer.lr=0.02"]) for seed in (1, 2)]
+
+    results = train_fused(cfgs, trackers=trackers)
+    for tracker in trackers:
+        tracker.close()
+
+    for result, tracker in zip(results, trackers, strict=True):
+        assert result.run_id == tracker.run_id
+        logged = client.get_metric_history(tracker.run_id, "train_loss")
+        assert [(m.step, m.value) for m in logged] == [
+            (h["epoch"], h["train_loss"]) for h in result.history]
+        first = client.get_metric_history(tracker.run_id, "train_eval_loss")[0]
+        assert (first.step, first.value) == (0, result.initial["train_eval_loss"])
+    assert results[0].history[0]["train_loss"] != results[1].history[0]["train_loss"]
+
+
+def test_float32_first_epoch_and_small_lr_runs_agree(tmp_path):
+    # In float32 the members' sums round differently (1e-7); at a small lr that stays small, at
+    # a large one it grows from epoch to epoch, as between any two summation orders.
+    members = [["seed=929", "optimizer.lr=0.005"], ["seed=1", "optimizer.lr=0.1"],
+               ["seed=2", "optimizer.lr=0.005", "optimizer.momentum=0.9"]]
+    cfgs = [compose([*REGRESSION, *SGD, "model.bn=pre", *member]) for member in members]
+
+    runs = alone_and_fused(cfgs, tmp_path, wide=False)
+
+    for i, (alone, fused) in enumerate(runs):
+        assert fused.history[0]["train_loss"] == pytest.approx(alone.history[0]["train_loss"],
+                                                               rel=1e-5)
+        assert_same_run(alone, fused, rel=1e-5, epochs=None if i != 1 else 1)
+
+
+def test_fusable_groups_what_fuses_and_says_why_not_for_the_rest():
+    mlp = [*REGRESSION, *SGD]
+    cfgs = [compose([*mlp, "seed=1"]),                                     # 0
+            compose([*mlp, "seed=2", "optimizer.lr=0.1", "scheduler=cosine"]),  # 1: with 0
+            compose([*mlp, "model.bn=pre"]),                               # 2: another model
+            compose(["model=cnn", "tracking=none"]),                       # 3: no
+            compose([*REGRESSION, "optimizer=adam", "+optimizer.amsgrad=true"]),  # 4: no
+            compose([*mlp, "seed=3", "optimizer.momentum=0.9"]),           # 5: with 0 and 1
+            compose([*REGRESSION, "optimizer=adam", "seed=4"])]            # 6: Adam's own group
+
+    groups, reasons = fusable(cfgs)
+
+    assert groups == [[0, 1, 5], [2], [6]]
+    assert set(reasons) == {3, 4}
+    assert "sweep.models.cnn" in reasons[3] and "amsgrad" in reasons[4]
+    assert fusable(cfgs, max_size=2)[0] == [[0, 1], [5], [2], [6]]
+
+
+def test_train_fused_refuses_configs_that_do_not_train_together():
+    cfgs = [compose([*REGRESSION, *SGD]), compose([*REGRESSION, *SGD, "trainer.epochs=3"])]
+    with pytest.raises(ValueError, match="cannot train fused: they form 2 groups"):
+        train_fused(cfgs)
+    with pytest.raises(ValueError, match="config 0: .*amp"):
+        train_fused([compose([*REGRESSION, *SGD, "trainer.amp=bf16"])])
+
+
+def test_members_have_their_own_data_and_weights():
+    cfgs = [compose([*REGRESSION, *SGD, f"seed={seed}"]) for seed in (1, 2)]
+    first, second = member_parts(cfgs)
+    assert not torch.equal(first.data.x_train, second.data.x_train)  # dataset.seed: ${seed}
+    assert not torch.equal(first.model[1].weight, second.model[1].weight)
+    again = member_parts(cfgs[:1])[0]
+    assert torch.equal(again.model[1].weight, first.model[1].weight)
