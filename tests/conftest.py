@@ -1,5 +1,13 @@
-"""Shared fixtures. `postgres_url`: a real PostgreSQL server for the session; `pg_database`: a
-fresh, empty database on it per test, so one test's studies and runs never leak into another's."""
+"""Shared fixtures and tiny-run settings.
+
+- `TINY_MLP`, `TINY_CNN`, `PLAIN_SGD`, `TINY_STUDY`: override lists for real runs of seconds;
+  a test extends them (`[*TINY_MLP, "model.bn=pre"]`) rather than writing its own.
+- `mlflow_uri`: a fresh SQLite MLflow store per test; `module_mlflow_uri`: one for a module's
+  tests that share a trained store. Both are set as MLFLOW_TRACKING_URI while in use.
+- `postgres_url`: a real PostgreSQL server for the session; `pg_database`: a fresh, empty database
+  on it per test, so one test's studies and runs never leak into another's.
+- `mlflow_server`: a real `mlflow server` on 127.0.0.1.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +32,44 @@ import pytest
 PG_USER = "sweep"  # the superuser initdb creates; trust auth, so no password
 RUN_AS = "postgres"  # PostgreSQL refuses to run as root; under root the server runs as this user
 _database_numbers = itertools.count(1)
+
+# --- tiny real runs -------------------------------------------------------------------------------
+
+# The article's MLP on 200 rows of synthetic_regression (140 train): 3 batches an epoch, no bar.
+TINY_MLP = ["model=mlp", "dataset=synthetic_regression", "dataset.n_samples=200",
+            "trainer.batch_size=50", "trainer.progress=false"]
+# The default CNN (with dropout) on digits, 1437 training images, on the CPU: no bar, no MLflow.
+TINY_CNN = ["dataset=digits", "model=cnn", "trainer.device=cpu", "trainer.progress=false",
+            "tracking=none"]
+# SGD without momentum: the lr alone sets each step, so lr comparisons mean what they say.
+PLAIN_SGD = ["optimizer=sgd", "optimizer.momentum=0"]
+# Study `tiny` (2 schedules, 2 trials of 2 epochs, 2 seeds) on TINY_MLP with momentum-free SGD.
+TINY_STUDY = ["study=tiny", *TINY_MLP, "optimizer.momentum=0"]
+
+
+# --- an MLflow store ------------------------------------------------------------------------------
+
+def sqlite_store(folder: Path) -> str:
+    """The URI of a SQLite MLflow store at `folder`/mlflow.db (created on first use)."""
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite MLflow store in `tmp_path` for one test, set as MLFLOW_TRACKING_URI."""
+    uri = sqlite_store(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def module_mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One SQLite MLflow store for a module's tests, set as MLFLOW_TRACKING_URI while they run:
+    creating a store costs seconds of migrations, and a module's tests read one trained store."""
+    uri = sqlite_store(tmp_path_factory.mktemp("mlflow"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
 
 
 def _unavailable(reason: str) -> None:
@@ -183,7 +229,7 @@ class MlflowServer:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner
         with open(self.root / "server.log", "a") as log:
             self.proc = subprocess.Popen(
-                [MLFLOW, "server", "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+                [MLFLOW, "server", "--backend-store-uri", sqlite_store(self.root),
                  "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
                 cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)  # its own process group: uvicorn runs as a child

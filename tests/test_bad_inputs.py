@@ -9,6 +9,7 @@ subprocesses, where the point is the real command line."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from conftest import TINY_MLP, sqlite_store
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.utils import JobRuntime
@@ -29,8 +31,8 @@ from sweep.config import ConfigError, compose, validate
 from sweep.study import main as study_main
 from sweep.study_plan import override_text
 
-TRAINER = ["trainer.batch_size=50", "trainer.progress=false", "trainer.epochs=2"]
-TINY = ["model=mlp", "dataset=synthetic_regression", "dataset.n_samples=200", *TRAINER]
+TINY = [*TINY_MLP, "trainer.epochs=2"]
+TRAINER = [o for o in TINY if o.startswith("trainer.")]  # for tests that pick their own dataset
 ARCHIVES = Path(__file__).parents[2] / "shared" / "data"  # ../shared/data from the repo root
 
 
@@ -52,7 +54,7 @@ def store_state(uri: str) -> list[tuple]:
 def finished(tmp_path_factory):
     """A FINISHED 3-epoch run in a SQLite store, its checkpoint after epoch 2 and after epoch 3."""
     tmp = tmp_path_factory.mktemp("finished")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = sqlite_store(tmp)
     first = compose([*TINY, f"tracking.uri={uri}", "trainer.checkpoint.every=1"])
     run(first, output_dir=tmp / "first")
     shutil.copy(tmp / "first" / "checkpoint.pt", tmp / "epoch2.pt")
@@ -216,7 +218,7 @@ def test_resume_into_a_store_without_the_run(tmp_path, finished, monkeypatch, ca
 ])
 def test_bad_optimizer_values_are_refused_before_anything_exists(args, message, tmp_path,
                                                                   monkeypatch, capsys):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     line = refused(monkeypatch, capsys, tmp_path, [*TINY, f"tracking.uri={uri}", *args])
     assert line.startswith(message), line
     assert os.listdir(tmp_path) == []  # no store, no outputs/
@@ -227,7 +229,7 @@ def test_bad_optimizer_values_are_refused_before_anything_exists(args, message, 
                                   # an lr rule can scale a group past the range as well
                                   ["optimizer.param_groups=[{pattern: '^1\\.', lr: 1e300}]"]])
 def test_an_lr_too_large_to_apply_ends_as_diverged(args, tmp_path, monkeypatch, capsys):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_store(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["sweep", *TINY, f"tracking.uri={uri}", *args,
                                       f"hydra.run.dir={tmp_path / 'out'}"])
@@ -247,7 +249,7 @@ def a_file(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("via", ["tracking.uri", "MLFLOW_TRACKING_URI"])
 def test_a_store_whose_folder_cannot_exist(via, tmp_path, monkeypatch, capsys):
-    uri = f"sqlite:///{a_file(tmp_path) / 'mlflow.db'}"
+    uri = sqlite_store(a_file(tmp_path))
     if via == "MLFLOW_TRACKING_URI":
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         args = TINY
@@ -428,8 +430,6 @@ def test_the_commands_create_nothing_for_a_refused_value(module, args, message, 
 ])
 def test_every_app_checks_before_its_output_folder(module, args, message, tmp_path,
                                                    monkeypatch, capsys):
-    import importlib
-
     app = importlib.import_module(module).main
     line = refused(monkeypatch, capsys, tmp_path, ["model=mlp", *args], module=app)
     assert line.startswith(message), line

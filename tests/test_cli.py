@@ -11,10 +11,10 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import TINY_MLP, sqlite_store
 
-TINY = ["model=mlp", "model.bn=pre", "dataset=synthetic_regression", "dataset.n_samples=200",
-        "optimizer=sgd", "optimizer.lr=0.03", "scheduler=step", "scheduler.step_size=1",
-        "trainer.epochs=3", "trainer.batch_size=50", "trainer.log_every_n_steps=2"]
+TINY = [*TINY_MLP, "model.bn=pre", "optimizer=sgd", "optimizer.lr=0.03", "scheduler=step",
+        "scheduler.step_size=1", "trainer.epochs=3", "trainer.log_every_n_steps=2"]
 
 
 def run_cli(args, cwd, uri, command=(sys.executable, "-m", "sweep")):
@@ -26,7 +26,7 @@ def run_cli(args, cwd, uri, command=(sys.executable, "-m", "sweep")):
 
 
 def test_a_run_logs_params_curves_tags_and_plots(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = sqlite_store(tmp_path)
     proc = run_cli([*TINY, f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, uri=uri)
     # Three epochs on 140 samples learn no more than the targets' mean: the run ends `stalled`.
     assert "status: stalled after 3 epochs" in proc.stdout
@@ -102,10 +102,11 @@ def test_the_console_script_and_multirun_grids(tmp_path):
         script = shutil.which("sweep")
     if script is None:
         pytest.skip("the `sweep` console script is not installed (pip install -e .)")
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    proc = run_cli(["-m", *TINY, "trainer.epochs=1", "optimizer.lr=0.1,0.01",
-                    f"hydra.sweep.dir={tmp_path / 'multi'}"], cwd=tmp_path, uri=uri,
-                   command=(str(script),))
+    uri = sqlite_store(tmp_path)
+    # trainer.progress=true: TINY turns the bars off, and the multirun must do so by itself.
+    proc = run_cli(["-m", *TINY, "trainer.progress=true", "trainer.epochs=1",
+                    "optimizer.lr=0.1,0.01", f"hydra.sweep.dir={tmp_path / 'multi'}"],
+                   cwd=tmp_path, uri=uri, command=(str(script),))
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
     assert sorted(r.data.params["optimizer.lr"] for r in runs) == ["0.01", "0.1"]
@@ -128,7 +129,7 @@ def test_the_console_script_and_multirun_grids(tmp_path):
 
 
 def test_resuming_from_a_checkpoint_continues_the_same_mlflow_run(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = sqlite_store(tmp_path)
     common = [o for o in TINY if not o.startswith(("trainer.epochs", "trainer.log_every"))]
     proc = run_cli([*common, "trainer.epochs=2", "trainer.checkpoint.every=1",
                     f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path, uri=uri)

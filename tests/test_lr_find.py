@@ -6,6 +6,7 @@ import sys
 import mlflow
 import numpy as np
 import pytest
+from conftest import PLAIN_SGD, TINY_CNN, TINY_MLP
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -25,8 +26,8 @@ from sweep.lr_find import (
 )
 from sweep.train import train
 
-TINY = ["dataset=synthetic_regression", "model=mlp", "model.hidden=[4,4]", "optimizer=sgd",
-        "optimizer.momentum=0", "trainer.batch_size=50", "trainer.progress=false", "seed=929"]
+# All 1000 rows: 14 batches an epoch, so a range test of 150 steps spans several epochs.
+TINY = [*TINY_MLP, *PLAIN_SGD, "dataset.n_samples=1000", "model.hidden=[4,4]", "seed=929"]
 
 
 def constructed_loss(lrs: np.ndarray) -> np.ndarray:
@@ -113,8 +114,7 @@ def run_app(monkeypatch, args: list[str]) -> None:
     main()
 
 
-def test_cli_logs_the_plot_and_prints_an_override(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_cli_logs_the_plot_and_prints_an_override(mlflow_uri, tmp_path, monkeypatch, capsys):
     run_app(monkeypatch, [*TINY, "lr_find.steps=60", f"hydra.run.dir={tmp_path / 'out'}"])
     out = capsys.readouterr().out
     assert "suggested:                     optimizer.lr=" in out
@@ -129,8 +129,7 @@ def test_cli_logs_the_plot_and_prints_an_override(tmp_path, monkeypatch, capsys)
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr_find/loss")) > 10
 
 
-def test_cli_refuses_a_bad_setting_before_any_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_cli_refuses_a_bad_setting_before_any_run(mlflow_uri, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         run_app(monkeypatch, [*TINY, "lr_find.min_lr=0", f"hydra.run.dir={tmp_path / 'out'}"])
     assert exit_.value.code == 2
@@ -178,8 +177,7 @@ def test_on_the_digits_cnn_the_suggestion_is_near_the_grids_best_and_its_bound_s
         tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # checkpoints and outputs of the grid runs
     # The default CNN with SGD (momentum 0.9) and a cosine schedule; 3 epochs a run.
-    digits = ["dataset=digits", "model=cnn", "trainer.device=cpu", "trainer.epochs=3",
-              "trainer.progress=false", "tracking=none", "seed=0"]
+    digits = [*TINY_CNN, "trainer.epochs=3", "seed=0"]
     runs = grid(digits, [0.01, 0.03, 0.1, 0.3, 1.0], seeds=[0])
     assert runs[1.0][0].status == "stalled"  # the cliff: beyond it, accuracy stays at chance
     check_against_grid(digits, runs, score=lambda r: -r.final["val_acc"])

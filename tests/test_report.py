@@ -5,6 +5,7 @@ import sys
 
 import mlflow
 import pytest
+from conftest import PLAIN_SGD, TINY_MLP
 
 from sweep.config import ConfigError, compose
 from sweep.report import main, write_report
@@ -13,9 +14,8 @@ from sweep.train import train
 
 # --- a report from the runs in a store ----------------------------------------------------------
 
-TINY = ["model=mlp", "model.hidden=[4,4]", "dataset=synthetic_regression", "optimizer=sgd",
-        "optimizer.momentum=0", "trainer.epochs=3", "trainer.batch_size=50",
-        "trainer.progress=false"]
+# All 1000 rows (14 batches an epoch), the data the rankings and gaps checked below came from.
+TINY = [*TINY_MLP, *PLAIN_SGD, "dataset.n_samples=1000", "model.hidden=[4,4]", "trainer.epochs=3"]
 
 
 def tracked_run(overrides: list[str], tags: dict[str, str], out) -> None:
@@ -26,12 +26,11 @@ def tracked_run(overrides: list[str], tags: dict[str, str], out) -> None:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(module_mlflow_uri, tmp_path_factory):
     """Study `tiny`: cosine (lr 0.05) and constant (lr 1e-4, barely learns) confirmed over two
     seeds each, plus trials; `step` has only a trial, and no `schedule` tag."""
     tmp = tmp_path_factory.mktemp("report")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
         mp.chdir(tmp)  # the default output folder, outputs/report/<study>, lands here
         with mlflow_run(compose(TINY), run_name_="study-tiny",
                         tags={"role": "study", "study": "tiny"}) as parent:

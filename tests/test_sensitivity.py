@@ -121,13 +121,10 @@ TINY = ["experiment=bn_sensitivity", "trainer.epochs=3", "sensitivity.lrs=[0.1,0
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(module_mlflow_uri, tmp_path_factory):
     """One tiny study (1 depth x BN none/pre x 2 lrs x 2 seeds = 8 runs) in a fresh store."""
     tmp = tmp_path_factory.mktemp("sensitivity")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
-        result = run_study(TINY, tmp / "out")
-        yield result, tmp
+    return run_study(TINY, tmp / "out"), tmp
 
 
 def test_tiny_study_writes_figures_tables_and_conclusion(study):
@@ -214,9 +211,8 @@ def run_app(monkeypatch, args: list[str]) -> None:
                                      "the config"),
     ("sensitivity.from_run=abc", "sensitivity.from_run='abc' is not allowed: needs tracking"),
 ])
-def test_the_command_refuses_bad_settings_before_any_run(override, message, tmp_path,
-                                                          monkeypatch, capsys):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_the_command_refuses_bad_settings_before_any_run(override, message, mlflow_uri,
+                                                          tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         run_app(monkeypatch, ["model=mlp", "tracking=none", override,
                               f"hydra.run.dir={tmp_path / 'out'}"])

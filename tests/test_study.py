@@ -15,19 +15,17 @@ from importlib.util import find_spec
 import mlflow
 import optuna
 import pytest
+from conftest import TINY_STUDY
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from sweep.config import ConfigError, compose
+from sweep.lr_find import suggest_lr_bounds
 from sweep.report import write_report
 from sweep.study import main, make_plan, run_study
 from sweep.study_optuna import counts, grid_values, make_pruner, trial_state
 from sweep.study_plan import knob_overrides, with_values
 from sweep.study_worker import Worker
-
-# 2 schedules x 2 trials x 2 epochs of a small MLP on 200 regression samples (3 steps per epoch).
-TINY = ["study=tiny", "dataset=synthetic_regression", "dataset.n_samples=200", "model=mlp",
-        "trainer.batch_size=50", "optimizer.momentum=0"]
 
 
 def studies_in(out_dir, name="tiny", schedules=("step", "cosine")):
@@ -41,19 +39,10 @@ def finished(study):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """One MLflow store for the module: creating a SQLite store costs seconds of migrations."""
-    root = tmp_path_factory.mktemp("mlflow")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        yield root
-
-
-@pytest.fixture(scope="module")
-def tracked(store, tmp_path_factory):
+def tracked(module_mlflow_uri, tmp_path_factory):
     """The tiny study with MLflow and plots, run twice: the second invocation must resume."""
     out = tmp_path_factory.mktemp("study") / "tiny"
-    argv = [*TINY, f"study.output_dir={out}"]
+    argv = [*TINY_STUDY, f"study.output_dir={out}"]
     first = run_study(argv)
     before = {s: finished(study) for s, study in studies_in(out).items()}
     second = run_study(argv)
@@ -128,7 +117,7 @@ def test_the_best_configuration_is_saved_as_a_command_python_m_sweep_reruns(trac
 
 
 def test_a_raised_budget_runs_only_the_missing_trials(tmp_path):
-    argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
+    argv = [*TINY_STUDY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
             "study.seeds=[1]", f"study.output_dir={tmp_path}"]
     run_study(argv)
     before = finished(studies_in(tmp_path, schedules=["cosine"])["cosine"])
@@ -139,7 +128,7 @@ def test_a_raised_budget_runs_only_the_missing_trials(tmp_path):
 
 def test_a_trial_left_running_by_a_killed_run_is_run_again(tmp_path):
     # Killed before its first heartbeat: judged by its start time, after the grace period.
-    argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
+    argv = [*TINY_STUDY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
             "study.seeds=[1]", f"study.output_dir={tmp_path}", "study.heartbeat_interval=1",
             "study.grace_period=2"]
     study = optuna.create_study(study_name="tiny/cosine", direction="minimize",
@@ -168,7 +157,7 @@ def test_each_pruner_stops_a_trial_far_behind_the_others(pruner):
 
 
 def test_a_study_prunes_a_hopeless_trial_of_its_schedule(tmp_path):
-    argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
+    argv = [*TINY_STUDY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
             "study.trials=3", "study.prune_after=2", "study.warmup_epochs=1", "study.seeds=[1]",
             f"study.output_dir={tmp_path}"]
     study = optuna.create_study(study_name="tiny/cosine", direction="minimize",
@@ -183,7 +172,7 @@ def test_a_study_prunes_a_hopeless_trial_of_its_schedule(tmp_path):
 
 
 def test_a_diverging_lr_and_a_raising_trial_are_recorded_and_the_study_goes_on(tmp_path):
-    argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[step]",
+    argv = [*TINY_STUDY, "tracking=none", "study.plots=false", "study.schedules=[step]",
             "study.trials=3", "study.pruner=none", "study.seeds=[1]",
             f"study.output_dir={tmp_path}"]
     study = optuna.create_study(study_name="tiny/step", direction="minimize",
@@ -203,8 +192,9 @@ def test_a_diverging_lr_and_a_raising_trial_are_recorded_and_the_study_goes_on(t
     assert summary.rows[0].tally == {"complete": 1, "pruned": 0, "diverged": 1, "failed": 1}
 
 
-def test_two_workers_complete_the_budget_together_with_distinct_trials(store, tmp_path):
-    argv = [*TINY, "study.plots=false", "study.schedules=[cosine]", "study.trials=4",
+def test_two_workers_complete_the_budget_together_with_distinct_trials(module_mlflow_uri,
+                                                                        tmp_path):
+    argv = [*TINY_STUDY, "study.plots=false", "study.schedules=[cosine]", "study.trials=4",
             "study.workers=2", "study.seeds=[1]", "study.name=pair",
             f"study.output_dir={tmp_path}"]
     run_study(argv)
@@ -226,7 +216,8 @@ def test_two_workers_complete_the_budget_together_with_distinct_trials(store, tm
 
 
 def test_workers_racing_for_the_last_slot_leave_exactly_one_trial(tmp_path):
-    argv = [*TINY, "tracking=none", "study.schedules=[cosine]", f"study.output_dir={tmp_path}"]
+    argv = [*TINY_STUDY, "tracking=none", "study.schedules=[cosine]",
+            f"study.output_dir={tmp_path}"]
     plan = make_plan(compose(argv, "sweep"), argv)
     workers = [Worker(plan) for _ in range(4)]  # four processes' connections to one storage
     studies = [optuna.create_study(study_name="tiny/cosine", storage=w.storage,
@@ -253,7 +244,7 @@ def test_workers_racing_for_the_last_slot_leave_exactly_one_trial(tmp_path):
 
 @pytest.mark.parametrize("sampler", ["tpe", "random", "grid", "qmc", "cmaes"])
 def test_every_sampler_runs_a_reproducible_study(sampler, tmp_path):
-    argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[step]",
+    argv = [*TINY_STUDY, "tracking=none", "study.plots=false", "study.schedules=[step]",
             "study.seeds=[1]", f"study.sampler={sampler}", "study.startup_trials=1"]
     if sampler == "cmaes" and find_spec("cmaes") is None:
         with pytest.raises(ConfigError, match="needs the cmaes package: pip install cmaes"):
@@ -279,7 +270,7 @@ def trials_started(db) -> int:
 
 
 def test_ctrl_c_loses_only_the_running_trial(tmp_path):
-    argv = [*TINY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
+    argv = [*TINY_STUDY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
             "study.trials=3", "study.pruner=none", "study.seeds=[1]", "study.epochs=200",
             f"study.output_dir={tmp_path}"]
     proc = subprocess.Popen([sys.executable, "-m", "sweep.study", *argv], cwd=tmp_path,
@@ -312,7 +303,7 @@ def test_ctrl_c_loses_only_the_running_trial(tmp_path):
 def test_bad_study_settings_fail_before_training_with_a_clear_message(overrides, message,
                                                                       tmp_path, capsys,
                                                                       monkeypatch):
-    argv = [*TINY, "tracking=none", f"study.output_dir={tmp_path}", *overrides]
+    argv = [*TINY_STUDY, "tracking=none", f"study.output_dir={tmp_path}", *overrides]
     with pytest.raises(ConfigError, match="^" + message.replace("[", r"\[")):
         run_study(argv)
     monkeypatch.setattr(sys, "argv", ["sweep.study", *argv])  # the Hydra app, as typed
@@ -344,9 +335,7 @@ def test_a_trials_values_give_the_config_that_composing_with_them_gives():
 
 
 def test_lr_bounds_auto_sets_every_schedules_lr_range_from_a_range_test(tmp_path):
-    from sweep.lr_find import suggest_lr_bounds
-
-    argv = [*TINY, "tracking=none", f"study.output_dir={tmp_path}", "study.lr_bounds=auto"]
+    argv = [*TINY_STUDY, "tracking=none", f"study.output_dir={tmp_path}", "study.lr_bounds=auto"]
     cfg = compose(argv, "sweep")
     plan = make_plan(cfg, argv)
 

@@ -17,14 +17,15 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from conftest import TINY_STUDY, sqlite_store
 from optuna.trial import TrialState
 
+from sweep.dburl import sqlalchemy_url
 from sweep.study import run_study
 from sweep.study_optuna import counts, trial_state
 
 # 2 schedules x 3 trials x 2 epochs of a small MLP on 200 regression samples; 2 seeds to confirm.
-TINY = ["study=tiny", "dataset=synthetic_regression", "dataset.n_samples=200", "model=mlp",
-        "trainer.batch_size=50", "optimizer.momentum=0", "study.trials=3", "study.plots=false",
+TINY = [*TINY_STUDY, "study.trials=3", "study.plots=false",
         "study.heartbeat_interval=1", "study.grace_period=3"]
 SCHEDULES, SEEDS, BUDGET = ("step", "cosine"), (1, 2), 3
 
@@ -41,8 +42,6 @@ def summary_of(output: str) -> str:
 
 
 def load(storage: str, name: str) -> optuna.Study:
-    from sweep.dburl import sqlalchemy_url
-
     if storage.endswith(".journal"):
         storage = optuna.storages.JournalStorage(
             optuna.storages.journal.JournalFileBackend(storage))
@@ -52,8 +51,6 @@ def load(storage: str, name: str) -> optuna.Study:
 
 
 def runs_by_role(tracking_uri: str, study: str) -> dict[str, list]:
-    from sweep.dburl import sqlalchemy_url
-
     client = mlflow.MlflowClient(sqlalchemy_url(tracking_uri))
     experiment = client.get_experiment_by_name("sweep")
     runs = client.search_runs([experiment.experiment_id], f"tags.study = '{study}'",
@@ -89,8 +86,8 @@ def check_one_study(storage: str, tracking_uri: str, name: str) -> dict[str, lis
 def test_three_processes_started_at_once_run_one_study_exactly_once(kind, tmp_path, request):
     out = tmp_path / "study"
     storage, tracking_uri = {
-        "sqlite": lambda: (f"sqlite:///{out / 'optuna.db'}", f"sqlite:///{tmp_path}/mlflow.db"),
-        "journal": lambda: (str(out / "optuna.journal"), f"sqlite:///{tmp_path}/mlflow.db"),
+        "sqlite": lambda: (f"sqlite:///{out / 'optuna.db'}", sqlite_store(tmp_path)),
+        "journal": lambda: (str(out / "optuna.journal"), sqlite_store(tmp_path)),
         "postgresql": lambda: (request.getfixturevalue("pg_database"),
                                request.getfixturevalue("pg_database2")),
     }[kind]()
@@ -120,7 +117,7 @@ def test_three_processes_started_at_once_run_one_study_exactly_once(kind, tmp_pa
 ])
 def test_a_sigkill_at_any_moment_loses_nothing_and_trains_nothing_twice(moment, kind, tmp_path,
                                                                         monkeypatch, request):
-    out, tracking_uri = tmp_path / "study", f"sqlite:///{tmp_path}/mlflow.db"
+    out, tracking_uri = tmp_path / "study", sqlite_store(tmp_path)
     storage = {"sqlite": lambda: f"sqlite:///{out / 'optuna.db'}",
                "journal": lambda: str(out / "optuna.journal"),
                "postgresql": lambda: request.getfixturevalue("pg_database")}[kind]()
@@ -153,7 +150,7 @@ def test_a_sigkill_at_any_moment_loses_nothing_and_trains_nothing_twice(moment, 
 
 
 def test_a_worker_killed_while_another_runs_has_its_trial_rerun_by_the_live_one(tmp_path):
-    out, tracking_uri = tmp_path / "study", f"sqlite:///{tmp_path}/mlflow.db"
+    out, tracking_uri = tmp_path / "study", sqlite_store(tmp_path)
     storage = f"sqlite:///{out / 'optuna.db'}"
     argv = [*TINY, f"study.output_dir={out}", "study.name=pair", "study.epochs=4"]
     env = {"MLFLOW_TRACKING_URI": tracking_uri}
@@ -182,7 +179,7 @@ def trials_running(storage: str, names: list[str]) -> int:
 
 
 def test_the_ray_launcher_runs_the_budget_with_two_workers(tmp_path, monkeypatch):
-    out, tracking_uri = tmp_path / "study", f"sqlite:///{tmp_path}/mlflow.db"
+    out, tracking_uri = tmp_path / "study", sqlite_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     argv = [*TINY, f"study.output_dir={out}", "study.name=ray", "study.launcher=ray",
             "study.workers=2", "study.cpus_per_trial=1"]
@@ -197,7 +194,7 @@ def test_a_ray_node_killed_mid_study_loses_nothing(tmp_path, monkeypatch):
     import ray
     from ray.cluster_utils import Cluster
 
-    out, tracking_uri = tmp_path / "study", f"sqlite:///{tmp_path}/mlflow.db"
+    out, tracking_uri = tmp_path / "study", sqlite_store(tmp_path)
     storage = f"sqlite:///{out / 'optuna.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})

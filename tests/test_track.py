@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from conftest import sqlite_store
 from omegaconf import OmegaConf
 
 from sweep.config import compose
@@ -22,11 +23,10 @@ MLFLOW = Path(sys.executable).with_name("mlflow")
 
 
 @pytest.fixture
-def client(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(tracking_uri=uri)
+def client(mlflow_uri):
+    """A client of a fresh SQLite store, which is also the fluent API's store for the test."""
+    mlflow.set_tracking_uri(mlflow_uri)
+    return mlflow.MlflowClient(tracking_uri=mlflow_uri)
 
 
 def new_run(client) -> str:
@@ -118,7 +118,7 @@ def test_processes_starting_together_on_a_fresh_store_all_succeed(store, tmp_pat
                                                                   monkeypatch):
     # SQLite: a lock beside the file; PostgreSQL (a fresh database, a bare postgresql:// URL):
     # retries, since there MLflow's table creation fails with a duplicate key.
-    uri = (f"sqlite:///{tmp_path}/mlflow.db" if store == "sqlite"
+    uri = (sqlite_store(tmp_path) if store == "sqlite"
            else request.getfixturevalue("pg_database"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     go = tmp_path / "go"

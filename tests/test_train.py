@@ -3,16 +3,28 @@
 import math
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
+from conftest import PLAIN_SGD, TINY_CNN, TINY_MLP
 
+from sweep.__main__ import run
 from sweep.config import ConfigError, compose, validate
 from sweep.data import load_data
-from sweep.train import did_not_learn, pick_amp, setup, train
+from sweep.models import build_model
+from sweep.train import (
+    did_not_learn,
+    epoch_means,
+    evaluate,
+    grad_norms,
+    loss_and_metric,
+    pick_amp,
+    setup,
+    train,
+)
 
-REGRESSION = ["dataset=synthetic_regression", "dataset.n_samples=200", "model=mlp",
-              "optimizer=sgd", "optimizer.momentum=0", "optimizer.lr=0.03", "scheduler=constant",
-              "trainer.batch_size=50", "trainer.progress=false", "tracking=none", "seed=929"]
+REGRESSION = [*TINY_MLP, *PLAIN_SGD, "optimizer.lr=0.03", "scheduler=constant", "tracking=none",
+              "seed=929"]
 
 
 # Enough data and BN for four epochs to learn more than the targets' mean (else: `stalled`).
@@ -112,10 +124,8 @@ def test_clipping_by_value(tmp_path):
 def test_resume_continues_with_the_same_lrs_and_losses(tmp_path, scheduler):
     # The CNN with dropout on digits: batch order, dropout masks and the schedule all resume.
     # Bit-identical losses are a promise on the CPU; tests/test_gpu.py checks CUDA.
-    common = ["dataset=digits", "model=cnn", "optimizer=sgd", f"scheduler={scheduler}",
-              "trainer.device=cpu",
-              "trainer.epochs=5", "trainer.batch_size=256", "trainer.checkpoint.every=1",
-              "trainer.progress=false", "tracking=none"]
+    common = [*TINY_CNN, "optimizer=sgd", f"scheduler={scheduler}", "trainer.epochs=5",
+              "trainer.batch_size=256", "trainer.checkpoint.every=1"]
     full = train(compose(common), output_dir=tmp_path / "full")
 
     # Interrupted after epoch 2 (its checkpoint is on disk), then resumed from that checkpoint.
@@ -204,10 +214,6 @@ def test_the_cnn_learns_real_mnist_from_the_archives(tmp_path):
 
 @pytest.mark.parametrize("loss", ["mse", "huber", "cross_entropy"])
 def test_evaluation_in_uneven_batches_equals_the_whole_split_at_once(loss):
-    from sweep.data import load_data
-    from sweep.models import build_model
-    from sweep.train import evaluate, loss_and_metric
-
     cfg = (compose(["dataset=digits", "model=cnn", "tracking=none"]) if loss == "cross_entropy"
            else config(f"trainer.loss={loss}"))
     data = load_data(cfg.dataset)
@@ -230,8 +236,6 @@ def test_evaluation_in_uneven_batches_equals_the_whole_split_at_once(loss):
 
 
 def test_epoch_means_give_the_mean_loss_and_the_rms_of_the_total_gradient_norm():
-    from sweep.train import epoch_means, grad_norms
-
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
     model(torch.randn(8, 3)).square().mean().backward()
     norms = grad_norms(list(model.parameters()))
@@ -251,8 +255,7 @@ def test_epoch_means_give_the_mean_loss_and_the_rms_of_the_total_gradient_norm()
     # BatchNorm: eval mode normalises with the running statistics, not the batch's.
     [*REGRESSION, "model.bn=pre", "trainer.epochs=3"],
     # Dropout; 1437 training images are two evaluation batches.
-    ["dataset=digits", "model=cnn", "optimizer.lr=0.05", "trainer.batch_size=256",
-     "trainer.epochs=1", "trainer.device=cpu", "trainer.progress=false", "tracking=none"],
+    [*TINY_CNN, "optimizer.lr=0.05", "trainer.batch_size=256", "trainer.epochs=1"],
 ])
 def test_train_eval_loss_is_a_full_pass_over_the_training_split_in_eval_mode(tmp_path, overrides):
     cfg = compose(overrides)
@@ -321,8 +324,7 @@ def test_a_tiny_lr_stalls_on_the_loss_and_chance_accuracy_stalls_a_classifier(tm
     assert tiny.final["train_eval_loss"] == pytest.approx(tiny.initial["train_eval_loss"],
                                                           rel=1e-3)
 
-    digits = ["dataset=digits", "model=cnn", "trainer.device=cpu", "trainer.batch_size=256",
-              "trainer.epochs=2", "trainer.progress=false", "tracking=none"]
+    digits = [*TINY_CNN, "trainer.batch_size=256", "trainer.epochs=2"]
     at_chance = train(compose([*digits, "optimizer.lr=1e-5"]), output_dir=tmp_path)
     learned = train(compose([*digits, "optimizer.lr=0.2"]), output_dir=tmp_path)
     assert at_chance.status == "stalled" and at_chance.final["val_acc"] < 0.25  # chance ~0.1
@@ -340,12 +342,7 @@ def test_the_stall_rule_needs_a_tenth_below_the_reference_and_a_tenth_above_chan
     assert not did_not_learn({"l": 1.0, "val_acc": 0.2}, {"l": 2.3}, chance, "l")
 
 
-def test_epoch_0_and_the_stalled_status_reach_mlflow(tmp_path, monkeypatch):
-    import mlflow
-
-    from sweep.__main__ import run
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def test_epoch_0_and_the_stalled_status_reach_mlflow(mlflow_uri, tmp_path):
     cfg = compose(["experiment=bn_sensitivity", "trainer.epochs=3", "optimizer.lr=1e-6",
                    "tracking=mlflow"])
     result = run(cfg, output_dir=tmp_path / "run")
