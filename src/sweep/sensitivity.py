@@ -348,7 +348,8 @@ def markdown(s: DictConfig, points: Sequence[Point], summaries: Sequence[Summary
         "the best; seed spread = std over seeds of log10 of the capped loss, averaged over the "
         "lrs. Learned = final loss at most 0.9x the loss at initialisation, and the run not "
         "tagged stalled by the trainer (`sweep.train.did_not_learn`, which also asks for 0.9x "
-        f"the loss of the best prediction that ignores the inputs). A difference between values is clear when its paired t-test over seeds, "
+        f"the loss of the best prediction that ignores the inputs). A difference between values "
+        "is clear when its paired t-test over seeds, "
         f"Holm-corrected across the variants, gives p < {ALPHA:g}.", "",
         *filter(None, [fallback_note(points, s.metric)]), "",
         tables(summaries, s.factor, s.margin, s.metric), "",
