@@ -38,6 +38,13 @@ MAX_SEEDS = 1000      # beyond this, "more than 1000 seeds": the effect is too s
 
 # --- runs and numbers --------------------------------------------------------------------------
 
+def final_value(status: str, curve: Sequence[float]) -> float:
+    """A run's last epoch's value; nan for a run that diverged (it has none)."""
+    if status == "diverged" or not curve or not math.isfinite(curve[-1]):
+        return math.nan
+    return curve[-1]
+
+
 @dataclass
 class Run:
     """One finished run as a comparison needs it, whether just trained or read back from MLflow."""
@@ -54,10 +61,7 @@ class Run:
 
     @property
     def final(self) -> float:
-        """The last epoch's value; a run that diverged has none."""
-        if self.status == "diverged" or not self.curve or not math.isfinite(self.curve[-1]):
-            return math.nan
-        return self.curve[-1]
+        return final_value(self.status, self.curve)
 
 
 @dataclass

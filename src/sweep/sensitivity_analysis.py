@@ -34,6 +34,7 @@ from sweep.compare import (
     Versus,
     estimate,
     estimate_text,
+    final_value,
     holm,
     number,
     p_text,
@@ -59,10 +60,7 @@ class Point:
 
     @property
     def final(self) -> float:
-        """The last epoch's value; nan for a run that diverged."""
-        if self.status == "diverged" or not self.curve or not math.isfinite(self.curve[-1]):
-            return math.nan
-        return self.curve[-1]
+        return final_value(self.status, self.curve)
 
     @property
     def start(self) -> float:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -282,7 +283,7 @@ def check_parts(cfg: DictConfig) -> None:
     schedule longer than the run) is refused before Hydra creates the output folder or any MLflow
     run opens. `load_data` keeps the data for the run. A multirun's jobs differ in the values it
     sweeps, which its start does not see: each job checks its own parts before its run opens."""
-    if str(OmegaConf.select(cfg, "hydra.mode")) == "RunMode.MULTIRUN":
+    if OmegaConf.select(cfg, "hydra.mode") == RunMode.MULTIRUN:
         return
     parts = setup(cfg)
     validate_scheduler(cfg.scheduler, parts.budget, parts.direction)
@@ -294,6 +295,26 @@ def default_output_dir() -> Path:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:  # not inside a Hydra app (tests, studies): the working directory
         return Path.cwd()
+
+
+def record_epoch(result: TrainResult, metrics: dict[str, float], schedule: Any,
+                 tracker: Any = None) -> None:
+    """An epoch's end, for a run alone and for each member of a fused group alike: an
+    epoch-interval schedule steps (plateau on the run's metric), the row joins the history, the
+    best epoch so far is kept, and the tracker logs the row."""
+    value = metrics[result.metric_name]
+    if schedule.interval == "epoch":
+        if schedule.needs_metric:
+            schedule.scheduler.step(value)
+        else:
+            schedule.scheduler.step()
+    result.history.append(metrics)
+    improved = value > result.best_metric if result.direction == "maximize" else (
+        value < result.best_metric)
+    if math.isfinite(value) and (result.best_epoch == 0 or improved):
+        result.best_metric, result.best_epoch = value, metrics["epoch"]
+    if tracker is not None:
+        tracker.log_epoch(metrics["epoch"], metrics)
 
 
 def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None,
@@ -318,7 +339,6 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
 
     result = TrainResult(status="completed", metric_name=metric_name, direction=direction,
                          run_id=getattr(tracker, "run_id", None), device=describe_device(device))
-    better = (lambda a, b: a > b) if direction == "maximize" else (lambda a, b: a < b)
     step, start_epoch, initial_loss = 0, 1, None
     settings = resume_settings(cfg)  # saved with each checkpoint, compared when resuming
     # The loss over the whole training split in eval mode, each epoch: on by default where that
@@ -422,17 +442,7 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
         if fp16:
             metrics["skipped_steps"] = result.skipped_steps
         metrics["epoch_time"] = time.perf_counter() - started
-        if schedule.interval == "epoch":
-            if schedule.needs_metric:
-                schedule.scheduler.step(metrics[metric_name])
-            else:
-                schedule.scheduler.step()
-        result.history.append(metrics)
-        if math.isfinite(metrics[metric_name]) and (
-                result.best_epoch == 0 or better(metrics[metric_name], result.best_metric)):
-            result.best_metric, result.best_epoch = metrics[metric_name], epoch
-        if tracker is not None:
-            tracker.log_epoch(epoch, metrics)
+        record_epoch(result, metrics, schedule, tracker)
         if progress:
             bar.set_postfix(train_loss=f"{train_loss:.4g}",
                             **{metric_name: f"{metrics[metric_name]:.4g}"})

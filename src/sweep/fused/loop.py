@@ -32,6 +32,7 @@ from sweep.train import (
     loss_and_metric,
     pick_amp,
     pick_device,
+    record_epoch,
     seed_everything,
 )
 
@@ -182,7 +183,6 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
 
     results = [TrainResult(status="completed", metric_name=metric_name, direction=direction,
                            run_id=getattr(tracker, "run_id", None)) for tracker in trackers]
-    better = (lambda a, b: a > b) if direction == "maximize" else (lambda a, b: a < b)
     active = list(range(n))  # the members still training, in the order of the fused rows
     initial_loss: list[float] = []  # each member's first batch loss, in `cfgs` order
     step = 0
@@ -268,17 +268,7 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
             if sampled[j]:
                 metrics["grad_norm"] = math.sqrt(sum(v * v for v in sampled[j]) / len(sampled[j]))
             metrics["epoch_time"] = elapsed
-            if schedule.interval == "epoch":
-                if schedule.needs_metric:
-                    schedule.scheduler.step(metrics[metric_name])
-                else:
-                    schedule.scheduler.step()
-            result.history.append(metrics)
-            if math.isfinite(metrics[metric_name]) and (
-                    result.best_epoch == 0 or better(metrics[metric_name], result.best_metric)):
-                result.best_metric, result.best_epoch = metrics[metric_name], epoch
-            if trackers[i] is not None:
-                trackers[i].log_epoch(epoch, metrics)
+            record_epoch(result, metrics, schedule, trackers[i])
             # 4. A member that diverged, or that its callback stops, leaves the fused rows.
             limit = divergence_factor[i] * max(initial_loss[i], 1e-12)
             if not math.isfinite(train_loss) or not math.isfinite(metrics["val_loss"]) or (
