@@ -390,6 +390,8 @@ def test_a_dataset_root_that_cannot_be_a_folder(tmp_path, monkeypatch, capsys):
     (["dataset=digits", "dataset.augment={crop_padding: -1}"],
      "dataset.augment.crop_padding=-1 is not allowed"),
     (["trainer.epochs=0"], "trainer.epochs=0 is not allowed: must be an integer >= 1"),
+    (["fuse=0"], "fuse=0 is not allowed: auto (up to 64 compatible runs trained at once), 1"),
+    (["fuse=many"], "fuse='many' is not allowed: auto"),
 ])
 def test_bad_model_and_dataset_values_are_refused_before_anything_exists(
         args, message, tmp_path, monkeypatch, capsys):
@@ -424,6 +426,7 @@ def test_the_commands_create_nothing_for_a_refused_value(module, args, message, 
 @pytest.mark.parametrize(("module", "args", "message"), [
     ("sweep.lr_find", ["lr_find.steps=1"], "lr_find.steps=1 is not allowed"),
     ("sweep.sensitivity", ["sensitivity.lrs=[]"], "sensitivity.lrs=[] is not allowed"),
+    ("sweep.sensitivity", ["fuse=-2"], "fuse=-2 is not allowed"),
     ("sweep.report", ["report.format=pdf"], "report.format='pdf' is not allowed"),
     ("sweep.study", ["study.schedules=[]"], "study.schedules=[] is not allowed"),
     ("sweep.study", ["model.bn=foo"], "model.bn='foo' is not allowed"),

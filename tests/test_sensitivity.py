@@ -152,6 +152,9 @@ def test_tiny_study_is_analysed_from_the_runs_in_the_store(study):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert len(children) == 8
+    # The 4 points of each BN value differ only in lr and seed: they trained fused, each its own
+    # finished run.
+    assert {(c.info.status, c.data.tags["fused"]) for c in children} == {("FINISHED", "4")}
     assert mlflow.get_experiment(parent.info.experiment_id).name == "bn_sensitivity"
     # Each point's final loss is the last train_eval_loss its run logged, and its cap the value
     # at epoch 0; its run trained its values.

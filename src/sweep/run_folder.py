@@ -44,6 +44,7 @@ def write(out_dir: str | Path, result: Any, checkpoint: Path | None = None,
         "final": {k: number(v) for k, v in final.items()},
         "best": {result.metric_name: number(result.best_metric), "epoch": result.best_epoch},
         "skipped_steps": result.skipped_steps,
+        "fused": result.fused,
         "mlflow_run_id": result.run_id,
         "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None,
     }

@@ -7,7 +7,8 @@ sensitivity.values=[0,0.9]`, crossed with named model variants, `sensitivity.lrs
 `sensitivity.seeds`. Settings: the `sensitivity` group (conf/sensitivity/default.yaml), composed by
 conf/sensitivity.yaml; an experiment's `sensitivity:` block overrides it.
 
-Every grid point is one nested MLflow run under a parent run; the figures, the tables and the
+Every grid point is its own MLflow run under a parent run (the points that differ only in lr and
+seed train fused, `fuse` at once: `sweep.fused`); the figures, the tables and the
 conclusion are computed from the runs read back from the store and logged to the parent run.
 """
 
@@ -22,10 +23,12 @@ import re
 import shlex
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -34,7 +37,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from sweep import CONF_DIR
+from sweep import CONF_DIR, fused
 from sweep.compare import ALPHA, LEVEL
 from sweep.config import (
     ConfigError,
@@ -59,8 +62,8 @@ from sweep.sensitivity_analysis import (
     tables,
 )
 from sweep.study_plan import override_text, with_values
-from sweep.track import mlflow_run, summary_tags
-from sweep.train import describe_device, pick_device, train
+from sweep.track import member_runs, mlflow_run, summary_tags
+from sweep.train import describe_device, pick_device
 from sweep.validation import DataError
 
 # Per-epoch losses (lower is better). train_eval_loss is the BN article's curve: the loss over the
@@ -181,42 +184,56 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 
 def run_grid(configs: dict[tuple[str, str], DictConfig], s: DictConfig, out_dir: Path,
-             device: str) -> list[Point]:
-    """Train every grid point as a nested MLflow run (under the active parent run, if any)."""
-
-    runs = [(variant, value, float(lr), int(seed)) for variant, value in configs
+             device: str, fuse: Any, parent_run_id: str | None) -> list[Point]:
+    """Train every grid point as its own MLflow run under the parent run (if any): the points
+    of one model variant and factor value, which differ only in lr and seed, train fused (`fuse`
+    at once, `sweep.fused`), each still its own run, folder and row."""
+    grid = [(variant, value, float(lr), int(seed)) for variant, value in configs
             for lr in s.lrs for seed in s.seeds]
     short = s.factor.split(".")[-1]
-    points = []
-    bar = tqdm(runs, desc="sensitivity", unit="run", dynamic_ncols=True)  # one bar, all runs
-    for variant, value, lr, seed in bar:
-        cfg = with_values(configs[variant, value], {s.lr_key: lr, "seed": seed,
-                                                    "trainer.progress": False})
-        name = f"{variant}-{short}={value}-lr={lr:g}-seed={seed}"
-        tags = {"phase": "sensitivity", "variant": variant, "factor": s.factor, "value": value,
-                "lr": override_text(lr), "seed": str(seed)}
-        tags["device"] = device
-        with mlflow_run(cfg, run_name_=name, nested=True, tags=tags) as tracker:
-            # Each run its own folder: train() leaves metrics.csv and result.json there.
-            result = train(cfg, tracker=tracker, output_dir=out_dir / "runs" / name)
-            if tracker is not None:
-                if cfg.tracking.get("log_plots", False):
-                    tracker.finish(result)
-                else:
-                    tracker.set_tags(summary_tags(result))
-        if result.history and s.metric not in result.history[0]:
-            logged = ", ".join(k for k in METRICS if k in result.history[0])
-            hint = ("; or set trainer.train_eval_loss=true (auto measures it only for data that "
-                    "lives on the device)" if s.metric == "train_eval_loss" else "")
-            fail("sensitivity.metric", s.metric, f"these runs log {logged}, not "
-                 f"{s.metric}{hint}")
-        curve = [h[s.metric] for h in result.history]
-        points.append(Point(variant, value, lr, seed, result.status, curve,
-                            result.initial.get(s.metric), result.run_id))
+    cfgs = [with_values(configs[variant, value], {s.lr_key: lr, "seed": seed,
+                                                  "trainer.progress": False})
+            for variant, value, lr, seed in grid]
+    names = [f"{variant}-{short}={value}-lr={lr:g}-seed={seed}"
+             for variant, value, lr, seed in grid]
+    tags = [{"phase": "sensitivity", "variant": variant, "factor": s.factor, "value": value,
+             "lr": override_text(lr), "seed": str(seed), "device": device}
+            for variant, value, lr, seed in grid]
+    log_plots = bool(cfgs[0].tracking.get("log_plots", False))
+    points: list[Point | None] = [None] * len(grid)
+    bar = tqdm(total=len(grid), desc="sensitivity", unit="run", dynamic_ncols=True)  # one bar
+    for group in fused.groups(cfgs, fuse):
+        members = [cfgs[i] for i in group]
+        with member_runs(members, [names[i] for i in group], [tags[i] for i in group],
+                         parent_run_id) as trackers:
+            # Each run its own folder: metrics.csv and result.json there.
+            results = fused.train_group(members, trackers=trackers,
+                                        output_dirs=[out_dir / "runs" / names[i] for i in group])
+            for tracker, result in zip(trackers, results, strict=True):
+                if tracker is not None:
+                    if log_plots:
+                        tracker.finish(result)
+                    else:
+                        tracker.set_tags(summary_tags(result))
+        for i, result in zip(group, results, strict=True):
+            if result.history and s.metric not in result.history[0]:
+                logged = ", ".join(k for k in METRICS if k in result.history[0])
+                hint = ("; or set trainer.train_eval_loss=true (auto measures it only for data "
+                        "that lives on the device)" if s.metric == "train_eval_loss" else "")
+                fail("sensitivity.metric", s.metric, f"these runs log {logged}, not "
+                     f"{s.metric}{hint}")
+            variant, value, lr, seed = grid[i]
+            points[i] = Point(variant, value, lr, seed, result.status,
+                              [h[s.metric] for h in result.history],
+                              result.initial.get(s.metric), result.run_id)
         # On the one bar: a line per run would scroll the bar away.
-        bar.set_postfix_str(f"{name}: {result.status}, final {s.metric} "
-                            f"{points[-1].final:.4g}")
-    return points
+        bar.update(len(group))
+        statuses = Counter(r.status for r in results)
+        first = names[group[0]] if len(group) == 1 else (
+            f"{grid[group[0]][0]}-{short}={grid[group[0]][1]}, {len(group)} fused")
+        bar.set_postfix_str(f"{first}: " + ", ".join(f"{n} {k}" for k, n in statuses.items()))
+    bar.close()
+    return [p for p in points if p is not None]
 
 
 def points_from_store(parent_run_id: str, metric: str) -> list[Point]:
@@ -288,7 +305,8 @@ def run_study(argv: Sequence[str], out_dir: Path, cfg: DictConfig | None = None
     with torch_threads(s.threads), mlflow_run(cfg, run_name_=s.name, tags=tags,
                                               run_id=s.from_run) as parent:
         if not s.from_run:
-            points = run_grid(configs, s, out_dir, device)
+            points = run_grid(configs, s, out_dir, device, cfg.fuse,
+                              parent.run_id if parent is not None else None)
             if parent is not None:  # analyse what the store holds, not what this process has
                 points = points_from_store(parent.run_id, s.metric)
         points = in_grid_order(points, s)

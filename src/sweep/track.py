@@ -8,9 +8,10 @@ to an unreachable store: they wait in memory and the tracker's writer thread ret
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -97,99 +98,82 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
 
 # --- a run's tracker -------------------------------------------------------------------------
 
-MetricPoint = tuple[str, float, int, int]  # key, value, timestamp (ms), step
+MetricPoint = tuple[str, str, float, int, int]  # run id, key, value, timestamp (ms), step
 BATCH = 1000  # MLflow takes at most 1000 metrics in one log_batch
 
 
-class Tracker:
-    """Logs one MLflow run's curves, figures and tags.
+class MetricWriter:
+    """One background thread that writes metric points, in order, with `MlflowClient.log_batch`.
 
-    Metrics are buffered and handed every `flush_every_s` seconds to one background thread,
-    which writes them in order with `MlflowClient.log_batch`, so the store's work overlaps
-    training instead of stalling each epoch. If the store cannot be reached the points stay in
-    memory and the thread retries while training goes on. `close` waits until every point is
-    written, for up to `wait_s` seconds (default $SWEEP_MLFLOW_WAIT_S, else 600).
+    A run alone has its own; the members of a fused group share one, so forty runs training at
+    once are one thread writing to the store, not forty contending for it. If the store cannot be
+    reached the points stay in memory and the thread retries while training goes on. `wait`
+    returns when every point handed over is written, for up to `wait_s` seconds (default
+    $SWEEP_MLFLOW_WAIT_S, else 600).
     """
 
-    def __init__(self, run_id: str | None, flush_every_s: float = 0.5,
-                 wait_s: float | None = None, name: str | None = None):
+    def __init__(self, wait_s: float | None = None):
         import mlflow
 
         fail_fast_http()
-        self.run_id = run_id
-        self.name = name  # the run's name in the UI, for figure titles and the run folder
-        self.flush_every_s = flush_every_s
         self.wait_s = patience_s() if wait_s is None else wait_s
         self.uri = mlflow.get_tracking_uri()
-        self._client = mlflow.MlflowClient(self.uri)
-        self._pending: list[MetricPoint] = []  # the training loop's, not yet handed over
-        self._flushed_at = time.monotonic()
-        # Shared with the writer, under `_changed`: points handed over and not yet taken, how many
+        self.client = mlflow.MlflowClient(self.uri)
+        # Shared with the thread, under `_changed`: points handed over and not yet taken, how many
         # handed-over points are not yet written (taken ones included), and what went wrong.
         self._changed = threading.Condition()
         self._handed: list[MetricPoint] = []
         self._unwritten = 0
-        self._refused: Exception | None = None  # a write the store refused; raised by flush
+        self._refused: Exception | None = None  # a write the store refused; raised by `wait`
         self._refused_points = 0
         self._down = False
-        self._stop = False  # set by `close`: the writer ends once everything is written
-        self._gave_up = False  # set when `close` ran out of time: the writer ends now
-        self._writer = threading.Thread(target=self._write, name="mlflow-metrics", daemon=True)
-        self._writer.start()
+        self._stop = False  # set by `close`: the thread ends once everything is written
+        self._gave_up = False  # set when `wait` ran out of time: the thread ends now
+        self._thread = threading.Thread(target=self._write, name="mlflow-metrics", daemon=True)
+        self._thread.start()
 
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.log_step(epoch, {k: v for k, v in metrics.items() if k != "epoch"})
-        if time.monotonic() - self._flushed_at >= self.flush_every_s:
-            self.flush(wait=False)
-
-    def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        now = int(time.time() * 1000)
-        self._pending += [(k, float(v), now, step) for k, v in metrics.items()]
-
-    def flush(self, wait: bool = True) -> None:
-        """Hand the buffered metrics to the writer; with `wait`, until everything is written."""
+    def hand(self, points: list[MetricPoint]) -> None:
         with self._changed:
-            self._handed += self._pending
-            self._unwritten += len(self._pending)
+            self._handed += points
+            self._unwritten += len(points)
             self._changed.notify_all()
-        self._pending = []
-        self._flushed_at = time.monotonic()
-        if wait:
-            self._wait_written()
 
     def close(self) -> None:
-        """Write everything still buffered and stop the writer."""
+        """Write everything handed over, then stop the thread."""
         try:
-            self.flush()
+            self.wait()
         finally:
             with self._changed:
                 self._stop = True
                 self._changed.notify_all()
 
-    def _wait_written(self) -> None:
+    def wait(self) -> None:
+        """Until every point handed over is written; raises if the store stayed unreachable for
+        `wait_s` seconds or refused points."""
         give_up = time.monotonic() + self.wait_s
         with self._changed:
             if self._down and self._unwritten:
                 say(f"waiting up to {self.wait_s:g} s for {self._unwritten} metric points to "
                     f"reach MLflow at {shown(self.uri)} (${WAIT_ENV})")
-            while self._unwritten and time.monotonic() < give_up and self._writer.is_alive():
+            while self._unwritten and time.monotonic() < give_up and self._thread.is_alive():
                 self._changed.wait(min(1.0, max(0.0, give_up - time.monotonic())))
             lost, refused = self._unwritten, self._refused
-            if lost:  # out of time: the writer drops what it holds
+            runs = sorted({p[0] for p in self._handed})
+            if lost:  # out of time: the thread drops what it holds
                 self._gave_up, self._handed, self._unwritten = True, [], 0
                 self._changed.notify_all()
                 raise TrackingUnavailable(
                     f"MLflow at {shown(self.uri)} unreachable for more than {self.wait_s:g} s: "
-                    f"{lost} metric points of run {self.run_id} were not written (set "
-                    f"${WAIT_ENV} to wait longer)")
+                    f"{lost} metric points of run {', '.join(runs) or '?'} were not written "
+                    f"(set ${WAIT_ENV} to wait longer)")
             if refused is not None:
                 lost, self._refused, self._refused_points = self._refused_points, None, 0
-                raise RuntimeError(f"MLflow refused {lost} metric points of run "
-                                   f"{self.run_id}: {brief(refused)}") from refused
+                raise RuntimeError(f"MLflow refused {lost} metric points: "
+                                   f"{brief(refused)}") from refused
 
     def _write(self) -> None:
-        """The writer thread: oldest points first, at most `BATCH` a call, each batch until it is
-        written (retrying while the store is unreachable) or refused."""
+        """The thread: oldest points first, at most `BATCH` of one run a call, each batch until it
+        is written (retrying while the store is unreachable) or refused."""
         from mlflow.entities import Metric
 
         batch: list[MetricPoint] = []
@@ -200,11 +184,16 @@ class Tracker:
                     self._changed.wait()
                 if self._gave_up or (self._stop and not self._unwritten):
                     return
-                if len(batch) < BATCH:  # the batch a retry sends grows with what came since
-                    room = BATCH - len(batch)
-                    batch, self._handed = batch + self._handed[:room], self._handed[room:]
+                if len(batch) < BATCH and self._handed:  # a retry's batch grows with what came
+                    run = batch[0][0] if batch else self._handed[0][0]
+                    take = list(itertools.islice(
+                        (i for i, p in enumerate(self._handed) if p[0] == run),
+                        BATCH - len(batch)))
+                    taken = set(take)
+                    batch += [self._handed[i] for i in take]
+                    self._handed = [p for i, p in enumerate(self._handed) if i not in taken]
             try:
-                self._client.log_batch(self.run_id, metrics=[Metric(*p) for p in batch])
+                self.client.log_batch(batch[0][0], metrics=[Metric(*p[1:]) for p in batch])
             except Exception as err:
                 if transient(err):
                     if not self._down:
@@ -234,6 +223,55 @@ class Tracker:
                         f"written{left}")
                 batch = []
                 self._changed.notify_all()
+
+
+class Tracker:
+    """Logs one MLflow run's curves, figures and tags.
+
+    Metrics are buffered and handed every `flush_every_s` seconds to a `MetricWriter`'s thread,
+    so the store's work overlaps training instead of stalling each epoch: its own, or `writer`,
+    one that the members of a fused group share (whoever made it closes it). `close` waits until
+    every point is written.
+    """
+
+    def __init__(self, run_id: str | None, flush_every_s: float = 0.5,
+                 wait_s: float | None = None, name: str | None = None,
+                 writer: MetricWriter | None = None):
+        self.run_id = run_id
+        self.name = name  # the run's name in the UI, for figure titles and the run folder
+        self.flush_every_s = flush_every_s
+        self._owns_writer = writer is None
+        self.writer = writer if writer is not None else MetricWriter(wait_s)
+        self.uri = self.writer.uri
+        self._client = self.writer.client
+        self._pending: list[MetricPoint] = []  # the training loop's, not yet handed over
+        self._flushed_at = time.monotonic()
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.log_step(epoch, {k: v for k, v in metrics.items() if k != "epoch"})
+        if time.monotonic() - self._flushed_at >= self.flush_every_s:
+            self.flush(wait=False)
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self._pending += [(self.run_id, k, float(v), now, step) for k, v in metrics.items()]
+
+    def flush(self, wait: bool = True) -> None:
+        """Hand the buffered metrics to the writer; with `wait`, until everything is written."""
+        self.writer.hand(self._pending)
+        self._pending = []
+        self._flushed_at = time.monotonic()
+        if wait:
+            self.writer.wait()
+
+    def close(self) -> None:
+        """Write everything still buffered; stop the writer if it is this run's own."""
+        if self._owns_writer:
+            self.writer.hand(self._pending)
+            self._pending = []
+            self.writer.close()
+        else:
+            self.flush(wait=False)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -284,6 +322,8 @@ def summary_tags(result: Any) -> dict[str, str]:
         tags["best_epoch"] = str(result.best_epoch)
     if result.skipped_steps:
         tags["skipped_steps_total"] = str(result.skipped_steps)
+    if getattr(result, "fused", 1) > 1:
+        tags["fused"] = str(result.fused)  # trained at once with this many, itself included
     return tags
 
 
@@ -324,3 +364,48 @@ def mlflow_run(cfg: DictConfig, run_name_: str | None = None, nested: bool = Fal
         status = "FINISHED"
     finally:
         call_mlflow("end the run", end_run, run.info.run_id, status)
+
+
+@contextmanager
+def member_runs(cfgs: Sequence[DictConfig], names: Sequence[str],
+                tags: Sequence[dict[str, str]], parent_run_id: str | None = None,
+                experiment: str | None = None) -> Iterator[list[Tracker | None]]:
+    """Open one run per config at once, siblings under `parent_run_id`: the members of a fused
+    group, each its own run with its own config, params, tags and curves. Yields their Trackers
+    (Nones with `tracking.enabled=false`); closes each FINISHED, or FAILED if training raised.
+
+    Each run costs a handful of `MlflowClient` calls (create with its tags, its params in one
+    batch, its config.yaml, its end) and no fluent active-run bookkeeping; one `MetricWriter`
+    thread writes every member's curves while training goes on.
+    """
+    if not cfgs or not cfgs[0].tracking.enabled:
+        yield [None] * len(cfgs)
+        return
+    import mlflow
+
+    experiment_id = use_store(cfgs[0], experiment)
+    client = mlflow.MlflowClient()
+    writer = MetricWriter()
+    trackers: list[Tracker] = []
+    status = "FAILED"
+    try:
+        for cfg, name, extra in zip(cfgs, names, tags, strict=True):
+            run_tags_ = {**run_tags(cfg), **extra}
+            if parent_run_id:
+                run_tags_["mlflow.parentRunId"] = parent_run_id
+            run = call_mlflow("start the run", client.create_run, experiment_id, run_name=name,
+                              tags=run_tags_)
+            tracker = Tracker(run.info.run_id, name=name, writer=writer)
+            trackers.append(tracker)
+            tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        try:
+            yield list(trackers)
+        finally:
+            for tracker in trackers:
+                tracker.close()
+            writer.close()  # waits for every member's metrics
+        status = "FINISHED"
+    finally:
+        for tracker in trackers:
+            call_mlflow("end the run", end_run, tracker.run_id, status)

@@ -46,6 +46,8 @@ class TrainResult:
     initial: dict[str, float] = field(default_factory=dict)  # epoch 0: evaluated before any step
     run_id: str | None = None
     device: str = ""                # what it trained on, as `describe_device` names it
+    fused: int = 1                  # runs trained at once with it, itself included (sweep.fused);
+                                    # a fused run's epoch_time is its group's
 
 
     @property

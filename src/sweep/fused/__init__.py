@@ -16,8 +16,10 @@ The modules, in reading order:
   Adam/AdamW, RMSprop (momentum, centered) and Adagrad update rules on the stacked weights, each
   member's values read from its own `torch.optim` optimizer, which its own scheduler (the same
   torch class as alone) steps;
-- `loop`: `train_fused(cfgs, callbacks, trackers)` -> one `TrainResult` per config, and
-  `member_parts(cfgs)`, the members' `Setup`s over data loaded once.
+- `loop`: `train_fused(cfgs, callbacks, trackers, output_dirs)` -> one `TrainResult` per config,
+  and `member_parts(cfgs)`, the members' `Setup`s over data loaded once;
+- `runs`: what commands call: `groups(cfgs, fuse)` plans which runs train together (the `fuse`
+  setting; one log line for what cannot), and `train_group` trains one group, fused or alone.
 
 Each member draws its initial weights after its own seed, and its batch order from its own
 generator, as `sweep.train.setup` does; a member that diverges, or whose callback (an Optuna
@@ -40,5 +42,6 @@ Not yet: the CNN (grouped convolutions), ResNet-18, AMP, checkpoints, dropout, a
 
 from sweep.fused.groups import fusable, why_not
 from sweep.fused.loop import member_parts, train_fused
+from sweep.fused.runs import groups, train_group
 
-__all__ = ["fusable", "member_parts", "train_fused", "why_not"]
+__all__ = ["fusable", "groups", "member_parts", "train_fused", "train_group", "why_not"]

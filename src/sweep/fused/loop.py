@@ -6,6 +6,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from sweep import run_folder
 from sweep.config import validate
 from sweep.data import Data, load_data
 from sweep.fused.groups import fusable
@@ -27,6 +29,7 @@ from sweep.train import (
     Setup,
     TrainResult,
     constant_baseline,
+    describe_device,
     did_not_learn,
     group_lrs,
     loss_and_metric,
@@ -68,11 +71,18 @@ def member_parts(cfgs: Sequence[DictConfig]) -> list[Setup]:
 
 
 SPLITS = ("x_train", "y_train", "x_val", "y_val")
+# Above this size the members' epoch of samples is gathered batch by batch, not at once: one copy
+# of MNIST's training split per member would be 188 MB each.
+EPOCH_GATHER_BYTES = 256 * 2**20
 
 
 def stack_data(parts: Sequence[Setup]) -> dict[str, Tensor]:
     """Each member's splits side by side, (members, samples, ...): a member's seed may give it
-    its own split of the data (`dataset.seed: ${seed}`), of the same sizes."""
+    its own split of the data (`dataset.seed: ${seed}`), of the same sizes. Members that share
+    one dataset share its memory too (an expanded view, not copies)."""
+    if all(p.data is parts[0].data for p in parts):
+        return {k: getattr(parts[0].data, k).unsqueeze(0).expand(len(parts), *getattr(
+            parts[0].data, k).shape) for k in SPLITS}
     try:
         return {k: torch.stack([getattr(p.data, k) for p in parts]) for k in SPLITS}
     except RuntimeError as err:
@@ -138,7 +148,8 @@ def evaluate(model: FusedMLP, split: dict[str, Tensor], loss_name: str, member_l
 
 def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None] | None = None,
                 trackers: Sequence[Any] | None = None,
-                parts: Sequence[Setup] | None = None) -> list[TrainResult]:
+                parts: Sequence[Setup] | None = None,
+                output_dirs: Sequence[str | Path | None] | None = None) -> list[TrainResult]:
     """Train the configs of one `fusable` group at once; each gets the `TrainResult` that
     `train(cfg)` returns for it alone.
 
@@ -146,6 +157,8 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
     callback stops that member (`stopped`), and a member that diverges stops (`diverged`), while
     the others train on. `parts`: what `member_parts(cfgs)` would build (each member's `Setup`,
     its data on the device, of the same sizes as the others'); a test builds them in float64.
+    `output_dirs[i]`: member i's run folder, which gets its metrics.csv and result.json as
+    `train` writes them (none written where None).
     """
     # 1. Check, then build every member as its own run would, and fuse them.
     for cfg in cfgs:
@@ -182,7 +195,8 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
     group_names = [[g.get("name", "default") for g in view.param_groups] for view in views]
 
     results = [TrainResult(status="completed", metric_name=metric_name, direction=direction,
-                           run_id=getattr(tracker, "run_id", None)) for tracker in trackers]
+                           run_id=getattr(tracker, "run_id", None),
+                           device=describe_device(device), fused=n) for tracker in trackers]
     active = list(range(n))  # the members still training, in the order of the fused rows
     initial_loss: list[float] = []  # each member's first batch loss, in `cfgs` order
     step = 0
@@ -192,6 +206,7 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
     log_every = t.log_every_n_steps if any(tr is not None for tr in trackers) else 0
     split = stack_data(parts)
     n_train = split["x_train"].shape[1]
+    epoch_bytes = sum(split[k][0].nbytes for k in ("x_train", "y_train"))  # one member's epoch
     # As `train`: the loss over the training split in eval mode, and epoch 0 before any step.
     train_eval = t.train_eval_loss is True or t.train_eval_loss == "auto"  # data on the device
     learning_loss = "train_eval_loss" if train_eval else "val_loss"  # what "did not learn" reads
@@ -216,12 +231,18 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
         perm = torch.stack([torch.randperm(n_train, generator=parts[i].gen)
                             for i in active]).to(device)
         who = torch.arange(len(active), device=device).unsqueeze(1)  # row i: member i's samples
-        # The epoch's samples in each member's order, gathered once; batches are slices of it.
-        x_epoch, y_epoch = split["x_train"][who, perm], split["y_train"][who, perm]
+        # The epoch's samples in each member's order, gathered once where that copy is small;
+        # batches are slices of it. Else each batch is gathered on its own.
+        whole = len(active) * epoch_bytes <= EPOCH_GATHER_BYTES
+        if whole:
+            x_epoch, y_epoch = split["x_train"][who, perm], split["y_train"][who, perm]
         for start in range(0, n_train, batch_size):
-            xb = x_epoch[:, start:start + batch_size]
-            loss = member_losses(model.forward(xb, training=True),
-                                 y_epoch[:, start:start + batch_size])
+            if whole:
+                xb, yb = x_epoch[:, start:start + batch_size], y_epoch[:, start:start + batch_size]
+            else:
+                rows = perm[:, start:start + batch_size]
+                xb, yb = split["x_train"][who, rows], split["y_train"][who, rows]
+            loss = member_losses(model.forward(xb, training=True), yb)
             # The sum's gradient in a member's weights is that member's own loss's gradient.
             grad = model.flat_grads(torch.autograd.grad(loss.sum(), model.params))
             sample = norm_every and len(losses) % norm_every == 0
@@ -284,15 +305,20 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
             rows = torch.tensor(keep, device=device)
             model.keep(rows)
             opt.keep(rows)
-            split = {k: v.index_select(0, rows) for k, v in split.items()}
+            # Shared data stays one view (stride 0 over the members); members' own is selected.
+            split = {k: v[:len(keep)] if v.stride(0) == 0 else v.index_select(0, rows)
+                     for k, v in split.items()}
             active = [active[j] for j in keep]
             per_step = [i for i in per_step if i in active]
         else:
             opt.refresh(everything=cycles)
     bar.close()
-    for result, part in zip(results, parts, strict=True):
+    out_dirs = list(output_dirs) if output_dirs is not None else [None] * n
+    for result, part, tracker, out_dir in zip(results, parts, trackers, out_dirs, strict=True):
         if result.status == "completed" and result.history and did_not_learn(
                 result.final, result.initial,
                 constant_baseline(part.data, part.loss_fn, metric_name, train_eval), learning_loss):
             result.status = "stalled"
+        if out_dir is not None:
+            run_folder.write(out_dir, result, None, getattr(tracker, "name", None))
     return results
