@@ -168,3 +168,37 @@ def test_the_other_commands_refuse_a_bad_setting_in_one_line_from_any_directory(
     assert proc.stderr.splitlines()[-1] == f"sweep: error: {message}"
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow store, let alone a run
+
+
+def test_a_fused_multirun_gives_each_job_the_run_the_basic_launcher_gives_it(tmp_path):
+    # Small lrs: in float32 a fused member is its run alone to rounding (tests/test_fused.py).
+    sweep = ["-m", *TINY_MLP, "optimizer=sgd", "optimizer.momentum=0", "scheduler=constant",
+             "trainer.epochs=3", "optimizer.lr=0.01,0.005", "seed=1,2"]
+    runs, tables = {}, {}
+    for launcher in ("basic", "fused"):
+        uri = sqlite_store(tmp_path / launcher)
+        proc = run_cli([*sweep, f"hydra/launcher={launcher}",
+                        f"hydra.sweep.dir={tmp_path / launcher / 'multi'}"],
+                       cwd=tmp_path, uri=uri)
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        runs[launcher] = {r.info.run_name: r for r in client.search_runs(
+            [client.get_experiment_by_name("sweep").experiment_id])}
+        with open(tmp_path / launcher / "multi" / "summary.csv", newline="") as f:
+            tables[launcher] = {(r["optimizer.lr"], r["seed"]): r for r in csv.DictReader(f)}
+        assert "4 runs, best first" in proc.stdout
+
+    assert not any("fused" in r.data.tags for r in runs["basic"].values())
+    assert sorted(runs["fused"]) == sorted(runs["basic"])
+    for name, alone in runs["basic"].items():
+        fused = runs["fused"][name]
+        assert (fused.info.status, fused.data.tags["status"], fused.data.tags["fused"]) == (
+            "FINISHED", alone.data.tags["status"], "4")
+        assert fused.data.params == alone.data.params  # each job's own config
+        assert fused.data.metrics["val_mse"] == pytest.approx(alone.data.metrics["val_mse"],
+                                                              rel=1e-5)
+    for job, row in tables["fused"].items():
+        folder = Path(row["folder"])
+        assert {"result.json", "metrics.csv", "plots", ".hydra"} <= {p.name for p in
+                                                                      folder.iterdir()}
+        assert float(row["final"]) == pytest.approx(float(tables["basic"][job]["final"]),
+                                                    rel=1e-5)
