@@ -192,6 +192,30 @@ def test_a_diverging_lr_and_a_raising_trial_are_recorded_and_the_study_goes_on(t
     assert summary.rows[0].tally == {"complete": 1, "pruned": 0, "diverged": 1, "failed": 1}
 
 
+def test_a_larger_budget_asks_for_trials_in_rounds_and_trains_each_round_fused(mlflow_uri,
+                                                                               tmp_path):
+    argv = [*TINY_STUDY, "study.plots=false", "study.schedules=[cosine,step]", "study.trials=8",
+            "study.seeds=[1,2]", f"study.output_dir={tmp_path}"]
+    summary = run_study(argv)
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id])
+    for schedule, study in studies_in(tmp_path, schedules=["cosine", "step"]).items():
+        assert len(finished(study)) == 8  # 4 rounds of 2 (study.trials / SEARCH_ROUNDS)
+        assert len({t.params["optimizer.lr"] for t in study.trials}) == 8  # no repeats
+        trials = [r for r in runs if r.data.tags.get("role") == "trial"
+                  and r.data.tags["schedule"] == schedule]
+        assert {r.data.tags["fused"] for r in trials} == {"2"}
+        for run in trials:  # each its own trial, and its own run that says how it ended
+            trial = study.trials[int(run.data.tags["optuna.trial"])]
+            assert run.data.tags["state"] == trial_state(trial)
+            assert float(run.data.params["optimizer.lr"]) == trial.params["optimizer.lr"]
+    # The confirmations: both schedules' best, 2 seeds each, one fused group of 4.
+    confirms = [r for r in runs if r.data.tags.get("role") == "confirm"]
+    assert sorted(r.data.tags["fused"] for r in confirms) == ["4"] * 4
+    assert len(summary.rows) == 2
+
+
 def test_two_workers_complete_the_budget_together_with_distinct_trials(module_mlflow_uri,
                                                                         tmp_path):
     argv = [*TINY_STUDY, "study.plots=false", "study.schedules=[cosine]", "study.trials=4",
@@ -228,7 +252,7 @@ def test_workers_racing_for_the_last_slot_leave_exactly_one_trial(tmp_path):
 
     def race(worker, study):
         start.wait()
-        taken.append(worker.take_slot(study, budget=1))
+        taken.extend(worker.take_slots(study, budget=1, size=2))
 
     threads = [threading.Thread(target=race, args=pair)
                for pair in zip(workers, studies, strict=True)]
@@ -236,7 +260,7 @@ def test_workers_racing_for_the_last_slot_leave_exactly_one_trial(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    assert sum(t is not None for t in taken) == 1
+    assert len(taken) == 1
     trials = studies[0].trials
     assert sum(counts(t) for t in trials) == 1  # the winner's, still running
     assert all(trial_state(t) == "surplus" and not t.params for t in trials if not counts(t))

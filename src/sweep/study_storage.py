@@ -157,19 +157,23 @@ class Liveness:
             self.storage.set_trial_system_attr(tid, BEAT, time.time())
 
     @contextmanager
-    def heartbeat(self, tid: int) -> Iterator[None]:
-        """Beat for trial `tid` from a background thread while the block runs."""
-        self.beat(tid, first=True)
+    def heartbeat(self, *tids: int) -> Iterator[None]:
+        """Beat for these trials (a fused group's, or one) from a background thread while the
+        block runs."""
+        for tid in tids:
+            self.beat(tid, first=True)
         stop = threading.Event()
 
         def loop() -> None:
             while not stop.wait(self.interval):
-                try:
-                    self.beat(tid)
-                except Exception as err:  # a storage hiccup must not kill the training
-                    warnings.warn(f"heartbeat for trial {tid} failed: {err}", stacklevel=1)
+                for tid in tids:
+                    try:
+                        self.beat(tid)
+                    except Exception as err:  # a storage hiccup must not kill the training
+                        warnings.warn(f"heartbeat for trial {tid} failed: {err}", stacklevel=1)
 
-        thread = threading.Thread(target=loop, name=f"heartbeat-{tid}", daemon=True)
+        thread = threading.Thread(target=loop, name=f"heartbeat-{'-'.join(map(str, tids))}",
+                                  daemon=True)
         thread.start()
         try:
             yield

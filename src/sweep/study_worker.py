@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from sweep import faults
+from sweep import faults, fused
 from sweep.config import compose
 from sweep.study_optuna import (
     best_trial,
@@ -50,12 +50,20 @@ from sweep.study_storage import (
     trial_id,
     worker_number,
 )
-from sweep.track import mlflow_run, summary_tags
-from sweep.train import train
+from sweep.track import member_runs, summary_tags
+from sweep.train import Callback, check_parts
 
 POLL_S = 1.0           # how often a worker with nothing to claim looks at the storage again
 WAIT_NOTE_S = 30.0     # how often a waiting worker says what it waits for
 MAX_LR_POINTS = 500    # lr points kept per confirmation run (enough for a plot, small in storage)
+# The search asks for at most budget / SEARCH_ROUNDS trials at once (and `fuse`): trials asked
+# together are sampled without each other's results, so the sampler learns between rounds.
+SEARCH_ROUNDS = 4
+
+
+def search_batch(fuse: Any, budget: int) -> int:
+    """How many of a schedule's trials one worker asks for, and trains fused, at once."""
+    return max(1, min(fused.fuse_size(fuse), budget // SEARCH_ROUNDS))
 
 
 class Worker:
@@ -123,13 +131,15 @@ class Worker:
         progress = Progress("search")
         order = plan.schedules[self.number % len(plan.schedules):] + \
             plan.schedules[:self.number % len(plan.schedules)]  # workers start on different ones
+        fuse = self.base(plan.schedules[0]).fuse
         while True:
             worked, busy = False, False
             for name in order:
                 study = studies[name]
                 self.liveness.reap(study)
-                while (trial := self.take_slot(study, plan.budget[name])) is not None:
-                    self.run_trial(study, trial, name)
+                size = search_batch(fuse, plan.budget[name])
+                while trials := self.take_slots(study, plan.budget[name], size):
+                    self.run_trials(study, trials, name)
                     print(progress.line(studies, plan.budget), flush=True)
                     worked = True
                 while (queued := claim(self.storage, study)) is not None:
@@ -140,92 +150,130 @@ class Worker:
             if not worked:  # other workers' trials are running: wait, and reap
                 self.wait(list(studies.values()))
 
-    def take_slot(self, study: optuna.Study, budget: int) -> optuna.Trial | None:
-        """A new (or queued) trial if the budget has room for it, else None.
+    def take_slots(self, study: optuna.Study, budget: int, size: int) -> list[optuna.Trial]:
+        """Up to `size` new (or queued) trials, as many as the budget has room for.
 
         Two workers can ask for the last slot at the same moment; the storage numbers their
         trials, and the higher number gives its trial up before sampling anything.
         """
-        if used_budget(study) >= budget:
-            return None
-        trial = ask(study)
-        if used_budget(study, before=trial.number) >= budget:
-            trial.set_user_attr("state", "surplus")
-            study.tell(trial, state=TrialState.FAIL)
-            return None
-        return trial
-
-    def run_trial(self, study: optuna.Study, trial: optuna.Trial, schedule: str) -> None:
-        """One search trial: sample, train (reporting every epoch for pruning), record, tell."""
-        plan = self.plan
-        started, values = time.perf_counter(), {}
-        trial.set_user_attr("role", "trial")
-        with self.liveness.heartbeat(trial_id(self.storage, study, trial.number)):
-            try:
-                values = suggest(trial, plan.spaces[schedule])
-                trial.set_user_attr("values", values)
-                trial.set_user_attr("overrides", knob_overrides(values))
-                value, state, epochs = self.train_trial(study, trial, schedule, values)
-            except BaseException as err:  # recorded, then told as FAIL; Ctrl-C goes on up
-                state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-                trial.set_user_attr("state", state)
-                trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
-                say(schedule, trial.number, state, None, values, plan.metric, started,
-                    f"{type(err).__name__}: {err}")
+        trials: list[optuna.Trial] = []
+        while len(trials) < size and used_budget(study) < budget:
+            trial = ask(study)
+            if used_budget(study, before=trial.number) >= budget:
+                trial.set_user_attr("state", "surplus")
                 study.tell(trial, state=TrialState.FAIL)
-                if isinstance(err, KeyboardInterrupt):
-                    raise
-                return
-            trial.set_user_attr("state", state)
-            say(schedule, trial.number, state, value, values, plan.metric, started,
-                f"epoch {epochs}")
-            if state == "pruned":
-                study.tell(trial, state=TrialState.PRUNED)
-            else:
-                study.tell(trial, value)
+                break
+            trials.append(trial)
+        return trials
 
-    def train_trial(self, study: optuna.Study, trial: optuna.Trial, schedule: str,
-                    values: dict[str, Any]) -> tuple[float, str, int]:
-        """Train with the sampled values in the trial's MLflow run: (value, state, epochs run)."""
+    def run_trials(self, study: optuna.Study, trials: list[optuna.Trial], schedule: str) -> None:
+        """Search trials: sample each (TPE's `constant_liar` counts the ones just asked as
+        running), train them (fused where they can be; each reports every epoch for pruning,
+        and a pruned member stops alone), record, tell."""
+        plan, started = self.plan, time.perf_counter()
+        tids = [trial_id(self.storage, study, trial.number) for trial in trials]
+        with self.liveness.heartbeat(*tids):
+            sampled, cfgs = [], []
+            for trial in trials:
+                trial.set_user_attr("role", "trial")
+                values: dict[str, Any] = {}
+                try:
+                    values = suggest(trial, plan.spaces[schedule])
+                    trial.set_user_attr("values", values)
+                    trial.set_user_attr("overrides", knob_overrides(values))
+                    cfg = with_values(self.base(schedule), values)
+                    # A value its parts refuse (a schedule longer than the run) fails this trial
+                    # alone, before it joins a fused group.
+                    check_parts(cfg)
+                except BaseException as err:
+                    self.trial_failed(study, trial, schedule, values, started, err)
+                    if isinstance(err, KeyboardInterrupt):
+                        raise
+                    continue
+                sampled.append((trial, values))
+                cfgs.append(cfg)
+            for group in fused.groups(cfgs, cfgs[0].fuse if cfgs else 1):
+                members = [sampled[i] for i in group]
+                try:
+                    outcomes = self.train_trials(study, members, [cfgs[i] for i in group],
+                                                 schedule)
+                except BaseException as err:  # recorded, then told as FAIL; Ctrl-C goes on up
+                    for trial, values in members:
+                        self.trial_failed(study, trial, schedule, values, started, err)
+                    if isinstance(err, KeyboardInterrupt):
+                        raise
+                    continue
+                for (trial, values), (value, state, epochs) in zip(members, outcomes,
+                                                                   strict=True):
+                    trial.set_user_attr("state", state)
+                    note = f"epoch {epochs}" + (f", {len(group)} fused" if len(group) > 1 else "")
+                    say(schedule, trial.number, state, value, values, plan.metric, started, note)
+                    if state == "pruned":
+                        study.tell(trial, state=TrialState.PRUNED)
+                    else:
+                        study.tell(trial, value)
 
+    def trial_failed(self, study: optuna.Study, trial: optuna.Trial, schedule: str,
+                     values: dict[str, Any], started: float, err: BaseException) -> None:
+        state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        trial.set_user_attr("state", state)
+        trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
+        say(schedule, trial.number, state, None, values, self.plan.metric, started,
+            f"{type(err).__name__}: {err}")
+        study.tell(trial, state=TrialState.FAIL)
+
+    def train_trials(self, study: optuna.Study, members: list[tuple[optuna.Trial, dict]],
+                     cfgs: list[DictConfig], schedule: str) -> list[tuple[float, str, int]]:
+        """Train the sampled values, each in its trial's MLflow run: (value, state, epochs run)
+        per trial."""
         plan = self.plan
-        cfg = with_values(self.base(schedule), values)
-        pruned = False
+        pruned = [False] * len(members)
 
-        def report(epoch: int, metrics: dict[str, float]) -> bool:
-            nonlocal pruned
-            trial.report(metrics[plan.metric], epoch)
-            faults.point("mid_trial")
-            # None of our pruners stops a trial before warmup_epochs; asking reads the storage.
-            pruned = epoch >= plan.settings["warmup_epochs"] and trial.should_prune()
-            return pruned  # stop here, close the MLflow run cleanly, then tell Optuna
+        def reporter(k: int, trial: optuna.Trial) -> Callback:
+            def report(epoch: int, metrics: dict[str, float]) -> bool:
+                trial.report(metrics[plan.metric], epoch)
+                faults.point("mid_trial")
+                # None of our pruners stops a trial before warmup_epochs; asking reads the
+                # storage.
+                pruned[k] = epoch >= plan.settings["warmup_epochs"] and trial.should_prune()
+                return pruned[k]  # stop this member, close its run cleanly, then tell Optuna
+            return report
 
-        tags = {"role": "trial", "study": plan.name, "schedule": schedule,
-                "optuna.study": plan.study_name(schedule), "optuna.trial": str(trial.number)}
-        if plan.parent_run_id:
-            tags["mlflow.parentRunId"] = plan.parent_run_id
-        with mlflow_run(cfg, run_name_=f"{schedule}-{trial.number}", tags=tags) as tracker:
-            if tracker is not None:
-                trial.set_user_attr("mlflow_run_id", tracker.run_id)
-            try:
-                result = train(cfg, callback=report, tracker=tracker,
-                               output_dir=plan.out_dir / "runs" / f"{schedule}-{trial.number}")
-            except BaseException as err:
+        names = [f"{schedule}-{trial.number}" for trial, _ in members]
+        tags = [{"role": "trial", "study": plan.name, "schedule": schedule,
+                 "optuna.study": plan.study_name(schedule), "optuna.trial": str(trial.number)}
+                for trial, _ in members]
+        with member_runs(cfgs, names, tags, plan.parent_run_id) as trackers:
+            for (trial, _), tracker in zip(members, trackers, strict=True):
                 if tracker is not None:
-                    state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-                    tracker.set_tags({"state": state, "error": f"{type(err).__name__}: {err}"})
+                    trial.set_user_attr("mlflow_run_id", tracker.run_id)
+            try:
+                results = fused.train_group(
+                    cfgs, callbacks=[reporter(k, trial) for k, (trial, _) in enumerate(members)],
+                    trackers=trackers, output_dirs=[plan.out_dir / "runs" / n for n in names])
+            except BaseException as err:
+                state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+                for tracker in trackers:
+                    if tracker is not None:
+                        tracker.set_tags({"state": state,
+                                          "error": f"{type(err).__name__}: {err}"})
                 raise
-            value, state = result.final_metric, "pruned" if pruned else "complete"
-            if result.status == "diverged" or not math.isfinite(value):
-                state, value = "diverged", diverged_value(study, plan.metric, result.history)
-            # The result reaches the storage before anything else can be interrupted: a worker
-            # killed from here on is recovered from it, not trained again.
-            trial.set_user_attr("outcome", {"state": state, "value": value})
+            outcomes = []
+            for (trial, _), result, stopped in zip(members, results, pruned, strict=True):
+                value, state = result.final_metric, "pruned" if stopped else "complete"
+                if result.status == "diverged" or not math.isfinite(value):
+                    state, value = "diverged", diverged_value(study, plan.metric, result.history)
+                # The result reaches the storage before anything else can be interrupted: a
+                # worker killed from here on is recovered from it, not trained again.
+                trial.set_user_attr("outcome", {"state": state, "value": value})
+                outcomes.append((value, state, len(result.history)))
             faults.point("after_train")
-            if tracker is not None:  # one-off numbers as tags: no single-point charts
-                tracker.set_tags({**summary_tags(result), "state": state,
-                                  "objective": f"{value:.6g}"})
-        return value, state, len(result.history)
+            for tracker, result, (value, state, _) in zip(trackers, results, outcomes,
+                                                          strict=True):
+                if tracker is not None:  # one-off numbers as tags: no single-point charts
+                    tracker.set_tags({**summary_tags(result), "state": state,
+                                      "objective": f"{value:.6g}"})
+        return outcomes
 
     # --- 3. confirm ----------------------------------------------------------------------------
 
@@ -240,67 +288,91 @@ class Worker:
             key = f"{plan.confirm_name(name)}/queued/{best.number}/{'-'.join(map(str, seeds))}"
             once(self.storage, key, lambda c=confirm, b=best: queue_confirmations(c, b, seeds),
                  self.liveness)
+        size = fused.fuse_size(self.base(plan.schedules[0]).fuse)
         while True:
-            worked, busy = False, False
-            for name, study in studies.items():
+            for study in studies.values():
                 self.liveness.reap(study)
-                while (item := claim(self.storage, study)) is not None:
+            # Up to `fuse` items, across the schedules: one model, each its own schedule and seed,
+            # so they train fused (`sweep.fused`).
+            batch: list[tuple[optuna.Study, FrozenTrial, str]] = []
+            for name, study in studies.items():
+                while len(batch) < size and (item := claim(self.storage, study)) is not None:
                     if is_duplicate(study, item):
                         self.fail_item(study, item, "duplicate")
                         continue
-                    self.run_confirmation(study, item, name)
-                    print(progress.line(studies, dict.fromkeys(studies, len(seeds))), flush=True)
-                    worked = True
-                busy |= bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            if not busy:
+                    batch.append((study, item, name))
+            if batch:
+                self.run_confirmations(batch)
+                print(progress.line(studies, dict.fromkeys(studies, len(seeds))), flush=True)
+                continue
+            if not any(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                       for study in studies.values()):
                 return
-            if not worked:
-                self.wait(list(studies.values()))
+            self.wait(list(studies.values()))
 
     def fail_item(self, study: optuna.Study, item: FrozenTrial, why: str) -> None:
         self.storage.set_trial_user_attr(trial_id(self.storage, study, item.number), "state", why)
         study.tell(item.number, state=TrialState.FAIL)
 
-    def run_confirmation(self, study: optuna.Study, item: FrozenTrial, schedule: str) -> None:
-        """Train the best configuration with one seed as a child of the study's MLflow run."""
+    def run_confirmations(self, batch: list[tuple[optuna.Study, FrozenTrial, str]]) -> None:
+        """Train the claimed items (each schedule's best configuration with one seed), as
+        children of the study's MLflow run, fused where they can be."""
+        cfgs = [with_values(self.base(schedule), {**item.user_attrs["values"],
+                                                  "seed": item.user_attrs["seed"]})
+                for _, item, schedule in batch]
+        tids = [trial_id(self.storage, study, item.number) for study, item, _ in batch]
+        with self.liveness.heartbeat(*tids):
+            for group in fused.groups(cfgs, cfgs[0].fuse):
+                self.confirm_group([batch[i] for i in group], [cfgs[i] for i in group],
+                                   [tids[i] for i in group])
 
+    def confirm_group(self, items: list[tuple[optuna.Study, FrozenTrial, str]],
+                      cfgs: list[DictConfig], tids: list[int]) -> None:
         plan, started = self.plan, time.perf_counter()
-        seed, values = item.user_attrs["seed"], item.user_attrs["values"]
-        tid = trial_id(self.storage, study, item.number)
-        cfg = with_values(self.base(schedule), {**values, "seed": seed})
-        tags = {"role": "confirm", "study": plan.name, "schedule": schedule, "seed": str(seed),
-                "optuna.trial": str(item.user_attrs["best_trial"])}
-        if plan.parent_run_id:
-            tags["mlflow.parentRunId"] = plan.parent_run_id
-        with self.liveness.heartbeat(tid):
-            try:
-                with mlflow_run(cfg, run_name_=f"{schedule}-best-seed{seed}",
-                                tags=tags) as tracker:
+        seeds = [item.user_attrs["seed"] for _, item, _ in items]
+        names = [f"{schedule}-best-seed{seed}" for (_, _, schedule), seed in zip(items, seeds,
+                                                                                  strict=True)]
+        tags = [{"role": "confirm", "study": plan.name, "schedule": schedule, "seed": str(seed),
+                 "optuna.trial": str(item.user_attrs["best_trial"])}
+                for (_, item, schedule), seed in zip(items, seeds, strict=True)]
+        try:
+            with member_runs(cfgs, names, tags, plan.parent_run_id) as trackers:
+                for tracker, tid in zip(trackers, tids, strict=True):
                     if tracker is not None:
                         self.storage.set_trial_user_attr(tid, "mlflow_run_id", tracker.run_id)
-                    result = train(cfg, tracker=tracker, output_dir=plan.out_dir / "runs" /
-                                   f"{schedule}-best-seed{seed}")
+                results = fused.train_group(cfgs, trackers=trackers,
+                                            output_dirs=[plan.out_dir / "runs" / n for n in names])
+                records, values = [], []
+                for result, seed, tid in zip(results, seeds, tids, strict=True):
                     record = confirmation_record(result, seed)
                     value = record["final"] if math.isfinite(record["final"]) else (
                         -math.inf if plan.direction == "maximize" else math.inf)
                     self.storage.set_trial_user_attr(tid, "outcome", {
                         "state": "complete", "value": value, "record": record})
-                    faults.point("confirm")
+                    records.append(record)
+                    values.append(value)
+                faults.point("confirm")
+                for tracker, result in zip(trackers, results, strict=True):
                     if tracker is not None:
                         tracker.set_tags(summary_tags(result))
-            except BaseException as err:
-                state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+        except BaseException as err:
+            state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            for (study, item, schedule), seed, tid in zip(items, seeds, tids, strict=True):
                 self.storage.set_trial_user_attr(tid, "error", f"{type(err).__name__}: {err}")
                 self.fail_item(study, item, state)
                 print(f"  {schedule:<12} seed {seed:<4} {state}: {type(err).__name__}: {err}",
                       flush=True)
-                if isinstance(err, KeyboardInterrupt):
-                    raise
-                return
+            if isinstance(err, KeyboardInterrupt):
+                raise
+            return
+        elapsed = time.perf_counter() - started
+        together = f", {len(items)} fused" if len(items) > 1 else ""
+        for (study, item, schedule), tid, result, record, value in zip(
+                items, tids, results, records, values, strict=True):
             self.storage.set_trial_user_attr(tid, "state", "complete")
             study.tell(item.number, value)
-        print(f"  {schedule:<12} seed {seed:<4} {result.status:<11} {plan.metric} "
-              f"{record['final']:.4f}  ({time.perf_counter() - started:.1f}s)", flush=True)
+            print(f"  {schedule:<12} seed {record['seed']:<4} {result.status:<11} {plan.metric} "
+                  f"{record['final']:.4f}  ({elapsed:.1f}s{together})", flush=True)
 
 
 def queue_confirmations(study: optuna.Study, best: FrozenTrial, seeds: list[int]) -> bool:

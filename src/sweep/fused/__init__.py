@@ -42,6 +42,7 @@ Not yet: the CNN (grouped convolutions), ResNet-18, AMP, checkpoints, dropout, a
 
 from sweep.fused.groups import fusable, why_not
 from sweep.fused.loop import member_parts, train_fused
-from sweep.fused.runs import groups, train_group
+from sweep.fused.runs import fuse_size, groups, train_group
 
-__all__ = ["fusable", "groups", "member_parts", "train_fused", "train_group", "why_not"]
+__all__ = ["fusable", "fuse_size", "groups", "member_parts", "train_fused", "train_group",
+           "why_not"]

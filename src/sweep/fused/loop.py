@@ -196,7 +196,9 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
 
     results = [TrainResult(status="completed", metric_name=metric_name, direction=direction,
                            run_id=getattr(tracker, "run_id", None),
-                           device=describe_device(device), fused=n) for tracker in trackers]
+                           # Its seconds are the group's: the device is shared n ways.
+                           device=f"{describe_device(device)}, {n} runs fused", fused=n)
+               for tracker in trackers]
     active = list(range(n))  # the members still training, in the order of the fused rows
     initial_loss: list[float] = []  # each member's first batch loss, in `cfgs` order
     step = 0
