@@ -16,7 +16,15 @@ ratio is each repeat's pair, printed as the median and range.
 `torch.func.vmap` over `functional_call` with stacked module state, against `sweep.fused`'s
 batched matmuls (both forward, backward and the same SGD update).
 
+`--study-bn` times the whole command a user types, `make study-bn` with 5 seeds (80 runs, MLflow
+on, a SQLite store in a scratch folder that a first untimed run of each kind creates):
+`python -m sweep.sensitivity experiment=bn_sensitivity sensitivity.seeds=[929,1,2,3,4]` with
+`fuse=1` against the default `fuse=auto`, each in its own process, interleaved. It prints the
+command's wall time (Python's start and imports included) and the study's own seconds (its grid
+trained and tracked, then read back from the store and analysed).
+
     python scripts/bench_fused.py [--repeats 5] [--only mlp16 mlp64 bn16] [--engines]
+    python scripts/bench_fused.py --study-bn [--repeats 3]
 """
 
 from __future__ import annotations
@@ -25,9 +33,13 @@ import argparse
 import copy
 import os
 import platform
+import re
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +47,7 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from sweep.config import compose
 from sweep.fused import member_parts, train_fused
-from sweep.fused.mlp import FusedMLP
+from sweep.fused.model import FusedModel
 from sweep.train import setup, train
 
 ARTICLE = ["dataset=synthetic_regression", "model=mlp", "model.hidden=[4,4,4]",
@@ -43,12 +55,21 @@ ARTICLE = ["dataset=synthetic_regression", "model=mlp", "model.hidden=[4,4,4]",
            "scheduler=constant", "trainer.epochs=40", "trainer.batch_size=50", "trainer.loss=mse",
            "trainer.amp=off", "trainer.device=cpu", "trainer.progress=false", "tracking=none"]
 LRS = (0.1, 0.03, 0.01, 0.005)
-CASES = {"mlp16": (16, "none"), "mlp64": (64, "none"), "bn16": (16, "pre")}
+# The default CNN (32 and 64 channels, dropout 0.25) on digits, 5 epochs in batches of 64, on
+# both cores: its convolutions use them, alone as fused.
+DIGITS_CNN = ["dataset=digits", "model=cnn", "optimizer=sgd", "optimizer.momentum=0.9",
+              "scheduler=constant", "trainer.epochs=5", "trainer.device=cpu",
+              "trainer.progress=false", "tracking=none"]
+CASES = {"mlp16": (16, "none"), "mlp64": (64, "none"), "bn16": (16, "pre"), "cnn16": (16, "cnn")}
 
 
 def configs(members: int, bn: str) -> list:
-    """`members` configs: each lr with seeds 929, 1, 2, ... (the BN study's grid)."""
+    """`members` configs: each lr with seeds 929, 1, 2, ... (the BN study's grid); bn="cnn": the
+    digits CNN instead, at lrs a tenth of those."""
     seeds = [929, *range(1, members // len(LRS))]
+    if bn == "cnn":
+        return [compose([*DIGITS_CNN, f"seed={seed}", f"optimizer.lr={lr / 10}"])
+                for seed in seeds for lr in LRS]
     return [compose([*ARTICLE, f"model.bn={bn}", f"seed={seed}", f"optimizer.lr={lr}"])
             for seed in seeds for lr in LRS]
 
@@ -92,7 +113,7 @@ def engine_steps(bn: str) -> dict:
             for key, p in params.items():
                 p.sub_(grads[key] * lr.view(-1, *[1] * (p.dim() - 1)))
 
-    model = FusedMLP(models)
+    model = FusedModel(models)
 
     def by_bmm() -> None:
         loss = F.mse_loss(model.forward(x, True), y, reduction="none").flatten(1).mean(1)
@@ -121,12 +142,57 @@ def engines(steps: int, repeats: int) -> None:
               f"{min(times['bmm']):.3f}-{max(times['bmm']):.3f})")
 
 
+STUDY_BN = [sys.executable, "-m", "sweep.sensitivity", "experiment=bn_sensitivity",
+            "sensitivity.seeds=[929,1,2,3,4]"]
+
+
+def study_bn(fuse: str, folder: Path) -> tuple[float, float]:
+    """(the command's wall seconds, the study's own seconds) of `make study-bn`, 5 seeds."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+    start = time.perf_counter()
+    done = subprocess.run([*STUDY_BN, f"fuse={fuse}", f"hydra.run.dir={folder / 'out'}"],
+                          cwd=folder, env=env, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    own = float(re.search(r"(\d+) runs, (\d+) s;", done.stdout).group(2))
+    return wall, own
+
+
+def study_bn_ratio(repeats: int) -> None:
+    folders = {fuse: Path(tempfile.mkdtemp(prefix=f"bench-study-bn-{fuse}-"))
+               for fuse in ("1", "auto")}
+    for fuse, folder in folders.items():
+        study_bn(fuse, folder)  # creates the store (its migrations are a first run's alone)
+    times: dict[str, list[tuple[float, float]]] = {"1": [], "auto": []}
+    for _ in range(repeats):
+        for fuse, folder in folders.items():
+            times[fuse].append(study_bn(fuse, folder))
+    for k, what in enumerate(("command (wall)", "study's own")):
+        alone = [t[k] for t in times["1"]]
+        fused_ = [t[k] for t in times["auto"]]
+        ratios = sorted(a / f for a, f in zip(alone, fused_, strict=True))
+        print(f"make study-bn, 80 runs, {what:15s}: fuse=1 {statistics.median(alone):5.1f} s "
+              f"({min(alone):.1f}-{max(alone):.1f}), fuse=auto {statistics.median(fused_):5.1f} s "
+              f"({min(fused_):.1f}-{max(fused_):.1f}), ratio {statistics.median(ratios):4.1f} "
+              f"(paired, {ratios[0]:.1f}-{ratios[-1]:.1f}; {repeats} repeats)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", choices=list(CASES), help="cases (default: all)")
     parser.add_argument("--engines", action="store_true", help="also vmap against bmm")
+    parser.add_argument("--study-bn", action="store_true",
+                        help="only `make study-bn` end to end, fuse=1 against fuse=auto")
     args = parser.parse_args()
+    threads = torch.get_num_threads()
+    if args.study_bn:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} "
+              f"cores, load average {load:.2f} at the start")
+        study_bn_ratio(args.repeats)
+        if hasattr(os, "getloadavg"):
+            print(f"load average {os.getloadavg()[0]:.2f} at the end")
+        return
     torch.set_num_threads(1)
     out = tempfile.mkdtemp(prefix="bench-fused-")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -136,6 +202,7 @@ def main() -> None:
         engines(steps=200, repeats=args.repeats)
     for name in args.only or CASES:
         members, bn = CASES[name]
+        torch.set_num_threads(threads if bn == "cnn" else 1)
         cfgs = configs(members, bn)
         one_after_another(cfgs[:2], out, False)  # warm-up: imports, the first dataset and model
         fused(cfgs[:2], False)

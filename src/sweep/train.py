@@ -260,6 +260,9 @@ class Setup:
     budget: Budget                  # epochs and optimizer steps per epoch, for the schedule
     amp: torch.dtype | None         # the autocast dtype, or None for full precision
     gen: torch.Generator            # batch order and augmentation (checkpointed by `train`)
+    # The global RNG's state once the model is built: what its dropout masks are drawn from
+    # (`train` draws them from the global RNG itself; a fused member from this copy).
+    rng: torch.Generator | None = None
 
 
 def setup(cfg: DictConfig) -> Setup:

@@ -10,8 +10,9 @@ The modules, in reading order:
 - `groups`: `fusable(configs, max_size)` -> (groups of indices, {index: why not}); what a group
   shares (model, dataset, trainer, the optimizer's update rule and parameter-group patterns) and
   what its members may differ in (every optimizer value, schedule and its knobs, warmup, seed);
-- `mlp`: `FusedMLP`, the members' `nn.Sequential`s of Flatten, Linear, BatchNorm1d (`bn: none |
-  pre | post`, each member's running statistics its own channels) and activations;
+- `model`: `FusedModel`, the members' `nn.Sequential`s (the MLP family with BatchNorm1d `bn: none
+  | pre | post`, each member's running statistics its own channels; the CNN, its convolutions one
+  grouped convolution, its dropout masks each member's own, drawn as its run alone draws them);
 - `optim`: `FusedOptimizer`, PyTorch's SGD (momentum, dampening, nesterov, weight decay),
   Adam/AdamW, RMSprop (momentum, centered) and Adagrad update rules on the stacked weights, each
   member's values read from its own `torch.optim` optimizer, which its own scheduler (the same
@@ -36,8 +37,8 @@ buffers updated in place; `bmm` is one kernel per layer, and BatchNorm over (bat
 features) is PyTorch's own kernel, which gives each member its own statistics exactly. The flat
 (members, numel) weights make the optimizer step a handful of ops whatever the depth.
 
-Not yet: the CNN (grouped convolutions), ResNet-18, AMP, checkpoints, dropout, augmentation;
-`fusable` gives those configs a reason, and callers train them alone.
+Not yet: ResNet-18, AMP, checkpoints, augmentation; `fusable` gives those configs a reason, and
+callers train them alone (`runs.groups` says so in one log line).
 """
 
 from sweep.fused.groups import fusable, why_not

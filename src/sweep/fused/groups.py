@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweep.train import pick_amp, pick_device
 
-MODELS = ("sweep.models.mlp",)
+MODELS = ("sweep.models.mlp", "sweep.models.cnn")
 # The update rule each optimizer follows: Adam and AdamW members train together (each member's
 # `decoupled_weight_decay` says which it is).
 OPTIMIZERS = {"torch.optim.SGD": "sgd", "torch.optim.Adam": "adam", "torch.optim.AdamW": "adam",
@@ -45,7 +45,8 @@ def why_not(cfg: DictConfig) -> str | None:
     """Why this config cannot train fused (one line), or None when it can."""
     t, opt = cfg.trainer, cfg.optimizer
     if cfg.model.get("_target_") not in MODELS:
-        return f"model {cfg.model.get('_target_')} does not fuse yet (only the MLP family does)"
+        return (f"model {cfg.model.get('_target_')} does not fuse yet (the MLP family and the "
+                "CNN do)")
     if opt.get("_target_") not in OPTIMIZERS:
         return (f"optimizer {opt.get('_target_')} does not fuse yet (SGD, Adam, AdamW, RMSprop "
                 "and Adagrad do)")

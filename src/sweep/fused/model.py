@@ -1,5 +1,6 @@
-"""N members of one MLP as one wider model: a batched matmul per Linear, BatchNorm over the members'
-channels (HFTA's horizontal fusion), each member's weights a row of a stacked tensor."""
+"""N members of one `nn.Sequential` as one wider model (HFTA's horizontal fusion): a batched matmul
+per Linear, a grouped convolution per Conv2d, BatchNorm and pooling over the members' channels, each
+member's weights a row of a stacked tensor and its dropout masks drawn from its own generator."""
 
 from __future__ import annotations
 
@@ -9,26 +10,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Elementwise modules act on (members, batch, features) as on (batch, features).
+# Elementwise modules act on any layout as on one member's.
 ELEMENTWISE = (nn.Tanh, nn.ReLU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Identity)
+# Modules that act on each channel of (batch, channels, H, W) alone: the members' channels side by
+# side give each member what its own module computes.
+PER_CHANNEL = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
 
 
-class FusedMLP:
-    """The members' `nn.Sequential`s of Flatten, Linear, BatchNorm1d and activations, stacked.
+class FusedModel:
+    """The members' `nn.Sequential`s of Flatten, Linear, Conv2d, BatchNorm1d, pooling, Dropout and
+    activations (the MLP family and the CNN of `sweep.models`), stacked.
 
-    Inputs and outputs are (members, batch, features). All of a member's parameters are one row
-    of `flat` (members, numel), in the order of its `named_parameters()`; `params` are views of it
-    shaped as the forward pass uses them (a Linear's weight transposed; the leaves gradients are
-    taken of), so an optimizer updates every layer of every member with a few ops on `flat`.
-    Everything elementwise or per member (optimizers, norms, clipping) is blind to that layout.
+    Inputs are (members, batch, *in_shape) and outputs (members, batch, outputs). Between layers
+    activations are either vectors, (members, batch, features), where a Linear is one `bmm`, or
+    images, (batch, members x channels, H, W), where a Conv2d is one convolution with
+    groups=members and pooling acts per channel. All of a member's parameters are one row of
+    `flat` (members, numel), in the order of its `named_parameters()`; `params` are views of it
+    shaped as the forward pass uses them (the leaves gradients are taken of), so an optimizer
+    updates every layer of every member with a few ops on `flat`.
+
+    `generators[i]`: member i's randomness (its dropout masks), at the state the global RNG has
+    when its model alone starts training, so each member draws the masks its run alone draws.
     """
 
-    def __init__(self, models: Sequence[nn.Sequential]):
+    def __init__(self, models: Sequence[nn.Sequential],
+                 generators: Sequence[torch.Generator] | None = None):
         first = models[0]
         self.names = [name for name, _ in first.named_parameters()]
         self.params: list[Tensor] = []
         self.stats: list[Tensor] = []  # BatchNorm running means and variances, (members, h) each
         self.layers: list[tuple] = []  # what forward does, in order; indices into params/stats
+        self.generators = list(generators) if generators is not None else None
         for index, module in enumerate(first):
             same = [m[index] for m in models]
             if isinstance(module, nn.Flatten):
@@ -40,10 +52,16 @@ class FusedMLP:
                 bias = None if module.bias is None else self._stack(
                     m.bias.unsqueeze(0) for m in same)
                 self.layers.append(("linear", weight, bias))
+            elif isinstance(module, nn.Conv2d):
+                self.layers.append(self._conv(module, same))
             elif isinstance(module, nn.BatchNorm1d):
                 self.layers.append(self._batch_norm(module, same))
-            elif isinstance(module, ELEMENTWISE):
-                self.layers.append(("elementwise", module))
+            elif isinstance(module, (*ELEMENTWISE, *PER_CHANNEL)):
+                self.layers.append(("module", module))
+            elif isinstance(module, nn.Dropout):
+                if module.p > 0 and self.generators is None:
+                    raise ValueError("dropout needs each member's generator")
+                self.layers.append(("dropout", module.p))
             else:
                 raise ValueError(f"cannot fuse a {type(module).__name__} layer (layer {index})")
         if [p[0].numel() for p in self.params] != [p.numel() for p in first.parameters()]:
@@ -78,6 +96,13 @@ class FusedMLP:
             start += shape.numel()
         return [c for name in names for c in starts[name]]
 
+    def _conv(self, module: nn.Conv2d, same: list[nn.Conv2d]) -> tuple:
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise ValueError("fusion takes ungrouped, zero-padded Conv2d layers")
+        weight = self._stack(m.weight for m in same)
+        bias = None if module.bias is None else self._stack(m.bias for m in same)
+        return ("conv", weight, bias, module.stride, module.padding, module.dilation)
+
     def _batch_norm(self, module: nn.BatchNorm1d, same: list[nn.BatchNorm1d]) -> tuple:
         if not module.track_running_stats or module.momentum is None:
             raise ValueError("fusion needs BatchNorm1d with running statistics and a momentum")
@@ -90,20 +115,49 @@ class FusedMLP:
         return ("batch_norm", weight, bias, len(self.stats) - 2, module.momentum, module.eps)
 
     def forward(self, x: Tensor, training: bool) -> Tensor:
-        """(members, batch, *in_shape) -> (members, batch, outputs); `training`: BN's mode."""
+        """(members, batch, *in_shape) -> (members, batch, outputs); `training`: BatchNorm's and
+        dropout's mode."""
         p = self.params
+        members, batch = x.shape[:2]
+        images = x.dim() == 5
+        if images:  # the members' channels side by side
+            x = x.transpose(0, 1).reshape(batch, members * x.shape[2], *x.shape[3:])
         for layer in self.layers:
             kind = layer[0]
             if kind == "linear":
                 _, w, b = layer
                 x = torch.bmm(x, p[w]) if b is None else torch.baddbmm(p[b], x, p[w])
-            elif kind == "elementwise":
+            elif kind == "module":
                 x = layer[1](x)
+            elif kind == "conv":
+                _, w, b, stride, padding, dilation = layer
+                weight = p[w].reshape(-1, *p[w].shape[2:])  # (members x out, in, k, k)
+                bias = None if b is None else p[b].reshape(-1)
+                x = F.conv2d(x, weight, bias, stride, padding, dilation, groups=members)
             elif kind == "flatten":
-                x = x.flatten(2)
+                if images:  # back to vectors: each member's channels flattened as it does alone
+                    x = x.reshape(batch, members, -1).transpose(0, 1)
+                    images = False
+                else:
+                    x = x.flatten(2)
+            elif kind == "dropout":
+                if training and layer[1] > 0:
+                    x = self._dropout(x, layer[1], images)
             else:
                 x = self._normalise(x, layer, training)
         return x
+
+    def _dropout(self, x: Tensor, p: float, images: bool) -> Tensor:
+        # What F.dropout does for each member: a Bernoulli(1 - p) mask of its activations' shape
+        # from its generator, scaled by 1 / (1 - p), then multiplied in.
+        members = len(self.generators)
+        shape = (x.shape[0], x.shape[1] // members, *x.shape[2:]) if images else x.shape[1:]
+        masks = torch.stack([torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(
+            1 - p, generator=g) for g in self.generators])
+        masks.div_(1 - p)
+        if images:  # (members, batch, C, H, W) -> (batch, members x C, H, W)
+            masks = masks.transpose(0, 1).reshape(x.shape)
+        return x * masks
 
     def _normalise(self, x: Tensor, layer: tuple, training: bool) -> Tensor:
         # Members side by side as channels: (batch, members * h). Each channel's statistics are
@@ -121,3 +175,5 @@ class FusedMLP:
         self.flat = self.flat.index_select(0, rows)
         self._views()
         self.stats = [s.index_select(0, rows) for s in self.stats]
+        if self.generators is not None:
+            self.generators = [self.generators[i] for i in rows.tolist()]
