@@ -92,7 +92,8 @@ def eval_rows(model: torch.nn.Module, in_shape: Sequence[int], members: int,
     members' activations together would outgrow EVAL_NUMBERS, never fewer than a training batch."""
     was_training = model.training
     model.eval()
-    x, widest = torch.zeros(1, *in_shape, device=next(model.parameters()).device), 0
+    weight = next(model.parameters())
+    x, widest = torch.zeros(1, *in_shape, dtype=weight.dtype, device=weight.device), 0
     for layer in model:
         x = layer(x)
         widest = max(widest, x[0].numel())
