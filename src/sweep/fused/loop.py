@@ -216,7 +216,8 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
         # Nothing has a gradient, so this changes nothing; it tells the schedulers that their
         # optimizer has stepped (else PyTorch warns that they step first).
         view.step()
-    model = FusedModel([p.model for p in parts], [p.rng or global_rng(device) for p in parts])
+    model = FusedModel([p.model for p in parts], [p.rng or global_rng(device) for p in parts],
+                       first.amp)
     names = {id(p): k for k, p in first.model.named_parameters()}
     opt = FusedOptimizer(model.flat, views, [model.columns([names[id(p)] for p in g["params"]])
                                              for g in views[0].param_groups])

@@ -34,8 +34,10 @@ class FusedModel:
     """
 
     def __init__(self, models: Sequence[nn.Sequential],
-                 generators: Sequence[torch.Generator] | None = None):
+                 generators: Sequence[torch.Generator] | None = None,
+                 amp: torch.dtype | None = None):
         first = models[0]
+        self.amp = amp  # bf16 autocast, as `train` runs a model alone with trainer.amp=bf16
         self.names = [name for name, _ in first.named_parameters()]
         self.params: list[Tensor] = []
         self.stats: list[Tensor] = []  # BatchNorm running means and variances, (members, h) each
@@ -116,7 +118,13 @@ class FusedModel:
 
     def forward(self, x: Tensor, training: bool) -> Tensor:
         """(members, batch, *in_shape) -> (members, batch, outputs); `training`: BatchNorm's and
-        dropout's mode."""
+        dropout's mode. Under `amp` the outputs come back in float32, as `train` takes them."""
+        if self.amp is None:
+            return self._forward(x, training)
+        with torch.autocast(x.device.type, dtype=self.amp):
+            return self._forward(x, training).float()
+
+    def _forward(self, x: Tensor, training: bool) -> Tensor:
         p = self.params
         members, batch = x.shape[:2]
         images = x.dim() == 5
