@@ -2,8 +2,10 @@
 
 The work is the BN article's MLP (3 hidden layers of 4, tanh) on its synthetic regression data,
 plain SGD, 40 epochs in batches of 50, at lrs 0.1, 0.03, 0.01 and 0.005 crossed with seeds (16 or
-64 members); and 16 members with BatchNorm before the activation. One after another is
-`sweep.train.train(cfg)` per config; fused is `sweep.fused.train_fused(cfgs)`. Both evaluate
+64 members); 16 members with BatchNorm before the activation; and 16 of the default digits CNN
+(dropout 0.25), 5 epochs, SGD with momentum, on both cores (`--device cuda` on a GPU). One
+after another is `sweep.train.train(cfg)` per config; fused is `sweep.fused.train_fused(cfgs)`.
+Both evaluate
 after every epoch (val and the training split in eval mode) and track nothing (tracking=none:
 MLflow's per-run cost is the study's, not the trainer's). Each case is timed twice: end to end
 (each member's config checked, its data, model, optimizer and schedule built, then trained), and
@@ -23,7 +25,7 @@ on, a SQLite store in a scratch folder that a first untimed run of each kind cre
 command's wall time (Python's start and imports included) and the study's own seconds (its grid
 trained and tracked, then read back from the store and analysed).
 
-    python scripts/bench_fused.py [--repeats 5] [--only mlp16 mlp64 bn16] [--engines]
+    python scripts/bench_fused.py [--repeats 5] [--only mlp16 mlp64 bn16 cnn16] [--engines]
     python scripts/bench_fused.py --study-bn [--repeats 3]
 """
 
@@ -181,6 +183,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", choices=list(CASES), help="cases (default: all)")
     parser.add_argument("--engines", action="store_true", help="also vmap against bmm")
+    parser.add_argument("--device", default="cpu", help="trainer.device of the CNN case (cuda on a "
+                        "GPU machine: 16 CNNs fused against one after another there)")
     parser.add_argument("--study-bn", action="store_true",
                         help="only `make study-bn` end to end, fuse=1 against fuse=auto")
     args = parser.parse_args()
@@ -204,6 +208,9 @@ def main() -> None:
         members, bn = CASES[name]
         torch.set_num_threads(threads if bn == "cnn" else 1)
         cfgs = configs(members, bn)
+        if bn == "cnn":
+            for cfg in cfgs:
+                cfg.trainer.device = args.device
         one_after_another(cfgs[:2], out, False)  # warm-up: imports, the first dataset and model
         fused(cfgs[:2], False)
         for built in (False, True):

@@ -73,3 +73,20 @@ def test_fp16_on_cuda_skips_overflowing_steps_and_holds_the_schedule(tmp_path):
     assert len(result.lr_trace) == steps - result.skipped_steps
     assert [r["lr"] for r in result.lr_trace] == pytest.approx(
         [1e-6 * 0.9 ** k for k in range(len(result.lr_trace))])
+
+
+def test_fused_cnns_on_cuda_each_train_as_alone_in_their_first_epoch(tmp_path):
+    # `fuse=auto` on a GPU: bf16 autocast (trainer.amp=auto) with grouped convolutions. CUDA's
+    # dropout kernel draws other masks than a per-member Bernoulli draw, so each member is
+    # compared with dropout off; the rest agrees to bf16 rounding in the first epoch.
+    from sweep.fused import fusable, train_fused
+
+    cfgs = [compose([*DIGITS, "model.dropout=0", f"seed={seed}", f"optimizer.lr={lr}"])
+            for seed, lr in ((1, 0.05), (2, 0.02), (3, 0.01))]
+    assert fusable(cfgs)[0] == [[0, 1, 2]]
+    alone = [train(cfg, output_dir=tmp_path / str(i)) for i, cfg in enumerate(cfgs)]
+    fused = train_fused(cfgs)
+    for a, f in zip(alone, fused, strict=True):
+        assert f.lr_trace == a.lr_trace
+        assert f.history[0]["train_loss"] == pytest.approx(a.history[0]["train_loss"], rel=2e-2)
+        assert f.history[-1]["val_acc"] > 0.8
