@@ -235,6 +235,24 @@ def did_not_learn(final: dict[str, float], initial: dict[str, float],
     return not final["val_acc"] > chance + LEARNED_ACCURACY_SHARE * (1 - chance)
 
 
+def diverged(metrics: dict[str, float], initial_loss: float, factor: float) -> bool:
+    """Whether an epoch's end stops the run as `diverged`: a loss that is not finite, or a train
+    loss above `trainer.divergence_factor` x the run's first batch loss."""
+    train_loss = metrics["train_loss"]
+    return not math.isfinite(train_loss) or not math.isfinite(metrics["val_loss"]) or (
+        train_loss > factor * max(initial_loss, 1e-12))
+
+
+def settle_status(result: TrainResult, data: Data, loss_fn: Callable, train_eval: bool) -> None:
+    """A run that completed but did not learn ends `stalled` (`did_not_learn`, on the training
+    split's eval-mode loss where it was measured, else the validation loss)."""
+    if result.status == "completed" and result.history and result.initial and did_not_learn(
+            result.final, result.initial,
+            constant_baseline(data, loss_fn, result.metric_name, train_eval),
+            "train_eval_loss" if train_eval else "val_loss"):
+        result.status = "stalled"
+
+
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """`lr` is the first (default) group's; `lr/<name>` each group's when there are several."""
     lrs = {"lr": optimizer.param_groups[0]["lr"]}
@@ -349,7 +367,6 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
     # The loss over the whole training split in eval mode, each epoch: on by default where that
     # split lives on the device (one batched forward pass), a setting for DataLoader-sized data.
     train_eval = t.train_eval_loss is True or (t.train_eval_loss == "auto" and on_device)
-    learning_loss = "train_eval_loss" if train_eval else "val_loss"  # what "did not learn" reads
     eval_batch = max(1024, t.batch_size)
     if t.resume:
         step, start_epoch, initial_loss = load_checkpoint(
@@ -453,8 +470,7 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
                             **{metric_name: f"{metrics[metric_name]:.4g}"})
 
         # 4. Stop a run that diverged instead of burning the remaining epochs.
-        if not math.isfinite(train_loss) or not math.isfinite(metrics["val_loss"]) or (
-                train_loss > divergence_factor * max(initial_loss, 1e-12)):
+        if diverged(metrics, initial_loss, divergence_factor):
             result.status = "diverged"
             break
         if checkpoint_every and epoch % checkpoint_every == 0:
@@ -464,10 +480,7 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
             result.status = "stopped"
             break
     bar.close()
-    if result.status == "completed" and result.history and result.initial and did_not_learn(
-            result.final, result.initial,
-            constant_baseline(data, loss_fn, metric_name, train_eval), learning_loss):
-        result.status = "stalled"
+    settle_status(result, data, loss_fn, train_eval)
     run_folder.write(out_dir, result, ckpt_path if checkpoint_every and ckpt_path.exists()
                      else None, getattr(tracker, "name", None))
     return result

@@ -28,15 +28,15 @@ from sweep.train import (
     Callback,
     Setup,
     TrainResult,
-    constant_baseline,
     describe_device,
-    did_not_learn,
+    diverged,
     group_lrs,
     loss_and_metric,
     pick_amp,
     pick_device,
     record_epoch,
     seed_everything,
+    settle_status,
 )
 
 
@@ -244,7 +244,6 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
     epoch_bytes = sum(split[k][0].nbytes for k in ("x_train", "y_train"))  # one member's epoch
     # As `train`: the loss over the training split in eval mode, and epoch 0 before any step.
     train_eval = t.train_eval_loss is True or t.train_eval_loss == "auto"  # data on the device
-    learning_loss = "train_eval_loss" if train_eval else "val_loss"  # what "did not learn" reads
     initials = evaluate(model, split, loss_name, member_losses, metric_name, eval_batch,
                          train_eval)
     for i, initial in enumerate(initials):
@@ -326,9 +325,7 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
             metrics["epoch_time"] = elapsed
             record_epoch(result, metrics, schedule, trackers[i])
             # 4. A member that diverged, or that its callback stops, leaves the fused rows.
-            limit = divergence_factor[i] * max(initial_loss[i], 1e-12)
-            if not math.isfinite(train_loss) or not math.isfinite(metrics["val_loss"]) or (
-                    train_loss > limit):
+            if diverged(metrics, initial_loss[i], divergence_factor[i]):
                 result.status = "diverged"
             elif callbacks[i] is not None and callbacks[i](epoch, metrics):
                 result.status = "stopped"
@@ -350,10 +347,7 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
     bar.close()
     out_dirs = list(output_dirs) if output_dirs is not None else [None] * n
     for result, part, tracker, out_dir in zip(results, parts, trackers, out_dirs, strict=True):
-        if result.status == "completed" and result.history and did_not_learn(
-                result.final, result.initial,
-                constant_baseline(part.data, part.loss_fn, metric_name, train_eval), learning_loss):
-            result.status = "stalled"
+        settle_status(result, part.data, part.loss_fn, train_eval)
         if out_dir is not None:
             run_folder.write(out_dir, result, None, getattr(tracker, "name", None))
     return results
