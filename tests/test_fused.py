@@ -22,7 +22,9 @@ import torch
 
 from sweep import run_folder
 from sweep.config import compose
+from sweep.data import load_data
 from sweep.fused import fusable, groups, member_parts, train_fused, train_group
+from sweep.study_plan import with_values
 from sweep.track import Tracker
 from sweep.train import Setup, TrainResult, setup, train
 
@@ -328,3 +330,20 @@ def test_bf16_members_train_as_they_do_alone_to_bf16_rounding(tmp_path):
         assert fused.history[0]["train_loss"] == pytest.approx(alone.history[0]["train_loss"],
                                                                rel=1e-2)
         assert fused.lr_trace == alone.lr_trace
+
+
+def test_members_with_their_own_large_splits_fuse_in_groups_that_fit(caplog):
+    # Each seed its own split of the data: a member holds a copy (twice while fused). With room
+    # for 2.5 copies of this dataset's, groups of one; with room for 4, groups of two.
+    cfgs = [compose([*REGRESSION, *SGD, f"seed={seed}"]) for seed in (1, 2, 3)]
+    each = load_data(cfgs[0].dataset).nbytes
+    for room, expected in ((2.5, [[0], [1], [2]]), (4.5, [[0, 1], [2]]), (6.5, [[0, 1, 2]])):
+        sized = [with_values(cfg, {"trainer.device_data_max_mb": room * each / 2**20})
+                 for cfg in cfgs]
+        with caplog.at_level(logging.WARNING, logger="sweep.fused"):
+            assert groups(sized, "auto") == expected
+    assert "each has its own split" in caplog.text
+    # One shared dataset (a fixed dataset.seed) is one copy whatever the members.
+    shared = [with_values(cfg, {"dataset.seed": 7, "trainer.device_data_max_mb": each / 2**20})
+              for cfg in cfgs]
+    assert groups(shared, "auto") == [[0, 1, 2]]

@@ -8,14 +8,16 @@ and one log line for what trains alone and why.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from sweep.config import AUTO_FUSE
+from sweep.data import load_data
 from sweep.fused.groups import fusable
 from sweep.fused.loop import train_fused
 from sweep.train import Callback, TrainResult, train
@@ -42,8 +44,32 @@ def groups(cfgs: Sequence[DictConfig], fuse: Any) -> list[list[int]]:
     for why, alone in by_reason.items():
         log.warning("fuse=%s: %d of %d runs train one at a time: %s", fuse, len(alone), len(cfgs),
                     why)
-    planned = together + [[i] for i in reasons]
+    planned = [part for group in together for part in fitting(cfgs, group, fuse)]
+    planned += [[i] for i in reasons]
     return sorted(planned, key=lambda group: group[0])
+
+
+def fitting(cfgs: Sequence[DictConfig], group: list[int], fuse: Any) -> list[list[int]]:
+    """`group` in parts whose members' data fit `trainer.device_data_max_mb` on the device.
+
+    Members whose seed gives them their own split (`dataset.seed: ${seed}`) each hold a copy of
+    the data, twice while fused (loaded, and stacked beside the others'): 16 MNIST members would
+    be 6 GB. Members that share one dataset share its memory.
+    """
+    datasets = {json.dumps(OmegaConf.to_container(cfgs[i].dataset, resolve=True),
+                           sort_keys=True, default=str) for i in group}
+    if len(datasets) == 1:
+        return [group]
+    each = load_data(cfgs[group[0]].dataset).nbytes  # what the first member trains on anyway
+    budget = cfgs[group[0]].trainer.device_data_max_mb * 2**20
+    most = max(1, int(budget // (2 * each)))
+    if most >= len(group):
+        return [group]
+    log.warning("fuse=%s: at most %d runs at once here: each has its own split of %s (%.0f MB, "
+                "twice while fused) within trainer.device_data_max_mb=%s", fuse, most,
+                cfgs[group[0]].dataset.get("_target_"), each / 2**20,
+                cfgs[group[0]].trainer.device_data_max_mb)
+    return [group[k:k + most] for k in range(0, len(group), most)]
 
 
 def train_group(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None] | None = None,
