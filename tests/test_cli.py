@@ -202,3 +202,18 @@ def test_a_fused_multirun_gives_each_job_the_run_the_basic_launcher_gives_it(tmp
                                                                       folder.iterdir()}
         assert float(row["final"]) == pytest.approx(float(tables["basic"][job]["final"]),
                                                     rel=1e-5)
+
+
+def test_a_fused_multirun_refuses_a_bad_job_before_any_job_trains(tmp_path):
+    uri = sqlite_store(tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.run([sys.executable, "-m", "sweep", "-m", *TINY_MLP, "trainer.epochs=1",
+                           "optimizer.lr=0.1,-1", "hydra/launcher=fused",
+                           f"hydra.sweep.dir={tmp_path / 'multi'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith(
+        "sweep: error: optimizer.lr=-1 is not allowed"), proc.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no run opened for the good job either
+    assert not list((tmp_path / "multi").glob("*/result.json"))

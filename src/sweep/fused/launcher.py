@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm.auto import tqdm
 
 from sweep import fused, run_folder
 from sweep.config import ConfigError, validate, with_choices
@@ -66,7 +67,7 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
             validate(cfg)
             check_parts(cfg)
     except (ConfigError, DataError) as err:
-        print(f"sweep: error: {err}", file=sys.stderr)
+        tqdm.write(f"sweep: error: {err}", file=sys.stderr)  # its own line, below the bar
         sys.exit(2)
 
     # 2. Train: compatible jobs together, each its own MLflow run and job folder.
