@@ -319,6 +319,13 @@ def test_cnn_members_with_dropout_train_as_they_do_alone(tmp_path):
         assert_same_run(alone, fused)
 
 
+def test_augmented_members_crop_and_flip_as_they_do_alone(tmp_path):
+    cfgs = [compose([*CNN, *SGD, "dataset.augment={crop_padding: 1, hflip: true}",
+                     f"seed={seed}", "trainer.batch_size=128"]) for seed in (1, 2)]
+    for alone, fused in alone_and_fused(cfgs, tmp_path):
+        assert_same_run(alone, fused)
+
+
 def test_bf16_members_train_as_they_do_alone_to_bf16_rounding(tmp_path):
     # trainer.amp=bf16 (on a GPU `auto` picks it): the members' matmuls run in bfloat16 under
     # autocast as the run alone's do; their sums in another order round differently at bf16's

@@ -385,5 +385,9 @@ def augment_batch(x: Tensor, crop_padding: int = 0, hflip: bool = False,
     cols = dx + torch.where(flip, w - 1 - cols, cols)  # (n, 1, w); a flip reads columns backwards
     padded = F.pad(x, (p, p, p, p))
     batch = torch.arange(n, device=x.device).view(n, 1, 1)
-    # One gather does crop and flip: indices (n, h, w) pick (n, h, w, C); back to (n, C, h, w).
-    return padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()
+    # One gather does crop and flip: indices (n, h, w) pick (n, h, w, C); back to (n, C, h, w),
+    # in the standard layout. (`.contiguous()` keeps the gather's strides when C is 1, which
+    # PyTorch then reads as channels-last: every layer after would be too, dropout's masks drawn
+    # in that memory order.)
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2).clone(
+        memory_format=torch.contiguous_format)

@@ -37,7 +37,7 @@ buffers updated in place; `bmm` is one kernel per layer, and BatchNorm over (bat
 features) is PyTorch's own kernel, which gives each member its own statistics exactly. The flat
 (members, numel) weights make the optimizer step a handful of ops whatever the depth.
 
-Not yet: ResNet-18, AMP, checkpoints, augmentation; `fusable` gives those configs a reason, and
+Not yet: ResNet-18, fp16, checkpoints; `fusable` gives those configs a reason, and
 callers train them alone (`runs.groups` says so in one log line).
 """
 

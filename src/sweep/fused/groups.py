@@ -59,8 +59,6 @@ def why_not(cfg: DictConfig) -> str | None:
                 "(bf16 and off fuse)")
     if t.resume is not None or t.checkpoint.every:
         return "checkpoints (trainer.resume, trainer.checkpoint.every) do not fuse"
-    if cfg.dataset.get("augment") is not None:
-        return "dataset.augment does not fuse yet"
     return None
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from sweep import run_folder
 from sweep.config import validate
-from sweep.data import Data, load_data
+from sweep.data import Data, augment_batch, load_data
 from sweep.fused.groups import fusable
 from sweep.fused.model import FusedModel
 from sweep.fused.optim import FusedOptimizer
@@ -242,6 +242,7 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
     split = stack_data(parts)
     n_train = split["x_train"].shape[1]
     epoch_bytes = sum(split[k][0].nbytes for k in ("x_train", "y_train"))  # one member's epoch
+    augment = data.augment  # the same settings for every member (one dataset config)
     # As `train`: the loss over the training split in eval mode, and epoch 0 before any step.
     train_eval = t.train_eval_loss is True or t.train_eval_loss == "auto"  # data on the device
     initials = evaluate(model, split, loss_name, member_losses, metric_name, eval_batch,
@@ -276,6 +277,9 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
             else:
                 rows = perm[:, start:start + batch_size]
                 xb, yb = split["x_train"][who, rows], split["y_train"][who, rows]
+            if augment:  # each member's crops and flips from its own generator, as alone
+                xb = torch.stack([augment_batch(xb[j], generator=parts[i].gen, **augment)
+                                  for j, i in enumerate(active)])
             loss = member_losses(model.forward(xb, training=True), yb)
             # The sum's gradient in a member's weights is that member's own loss's gradient.
             grad = model.flat_grads(torch.autograd.grad(loss.sum(), model.params))
