@@ -40,6 +40,9 @@ OPTIONAL_FLAGS = ("foreach", "fused")  # null = PyTorch picks
 
 def validate_optimizer(cfg: DictConfig) -> None:
     """Check the optimizer's values that can be checked without a model."""
+    # A plain dict: `key in cfg` on a DictConfig raises and catches an error inside OmegaConf for
+    # every absent key (0.1 ms each; a fused group of 64 validates 64 of these).
+    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
     target = cfg.get("_target_")
     try:
         cls = locate(str(target))
@@ -56,7 +59,7 @@ def validate_optimizer(cfg: DictConfig) -> None:
     # such an lr into a float ("value cannot be converted to type float without overflow"). Any
     # finite lr is accepted here: one that large diverges like any other too-large lr, and the
     # trainer stops the run as `diverged` when PyTorch refuses the step (train.py).
-    check_finite("optimizer.lr", cfg.lr, low_open=True)
+    check_finite("optimizer.lr", cfg.get("lr"), low_open=True)
     for key, (low, low_open) in NUMBER_RULES.items():
         if key in cfg:
             check_finite(f"optimizer.{key}", cfg[key], low, low_open=low_open)
@@ -64,12 +67,11 @@ def validate_optimizer(cfg: DictConfig) -> None:
         if key in cfg:
             check_in_range(f"optimizer.{key}", cfg[key], 0.0, 1.0, low_open=False)
     if "betas" in cfg:
-        betas = cfg.betas
-        if not (OmegaConf.is_list(betas) or isinstance(betas, list | tuple)) or len(betas) != 2 or (
+        betas = cfg["betas"]
+        if not isinstance(betas, list | tuple) or len(betas) != 2 or (
                 not all(isinstance(b, int | float) and not isinstance(b, bool) and 0 <= b < 1
                         for b in betas)):
-            shown = OmegaConf.to_container(betas) if OmegaConf.is_list(betas) else betas
-            fail("optimizer.betas", shown, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+            fail("optimizer.betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
     for key in FLAGS:
         if key in cfg and not isinstance(cfg[key], bool):
             fail(f"optimizer.{key}", cfg[key], "true or false")
@@ -80,14 +82,15 @@ def validate_optimizer(cfg: DictConfig) -> None:
         fail("optimizer.nesterov", True, "needs optimizer.momentum > 0 and no dampening")
     for i, rule in enumerate(cfg.get("param_groups") or []):
         key = f"optimizer.param_groups[{i}]"
-        if ("pattern" not in rule or ("lr_scale" in rule) == ("lr" in rule)
+        if (not isinstance(rule, dict) or "pattern" not in rule
+                or ("lr_scale" in rule) == ("lr" in rule)
                 or set(rule) - {"pattern", "lr", "lr_scale", "name"}):
-            fail(key, OmegaConf.to_container(rule), "give {pattern: <regex>, lr_scale: <x>} or "
+            fail(key, rule, "give {pattern: <regex>, lr_scale: <x>} or "
                  "{pattern: <regex>, lr: <x>}, and optionally a name: <group name>")
         try:
-            re.compile(rule.pattern)
+            re.compile(rule["pattern"])
         except re.error as err:
-            fail(f"{key}.pattern", rule.pattern, f"must be a regular expression ({err})")
+            fail(f"{key}.pattern", rule["pattern"], f"must be a regular expression ({err})")
         check_finite(f"{key}.{'lr' if 'lr' in rule else 'lr_scale'}",
                      rule.get("lr", rule.get("lr_scale")), low_open=True)
 
