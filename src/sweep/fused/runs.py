@@ -2,8 +2,9 @@
 
 Every command that trains several configs (the sensitivity grid, a study's confirmations and
 search, a Hydra multirun with `hydra/launcher=fused`) plans them with `groups(cfgs, fuse)` and
-trains each group with `train_group`, so a user who never sets `fuse` gets the same runs, sooner,
-and one log line for what trains alone and why.
+trains each group with `train_group`, so a user who never sets `fuse` gets the same runs sooner
+(the same computation; in float32 the same to rounding, which a chaotic run amplifies as it
+would any change of summation order), and one log line for what trains alone and why.
 """
 
 from __future__ import annotations
