@@ -52,8 +52,8 @@ bench: install  ## trainer overhead against a hand-written loop
 bench-study: install  ## the study's own cost per trial against training time
 	$(PY) scripts/bench_study.py
 
-bench-fused: install  ## fused trials against one run after another (MLP members)
-	$(PY) scripts/bench_fused.py --repeats 5 --engines
+bench-fused: install  ## fused trials against one at a time: MLPs, CNNs; ARGS="--study-bn" for make study-bn
+	$(PY) scripts/bench_fused.py --repeats 5 --engines $(ARGS)
 
 ui: install  ## open the MLflow UI on the store runs log to (in "Model training" mode)
 	@echo "open http://127.0.0.1:5000 and switch the toggle at the top left to 'Model training'"
