@@ -56,10 +56,16 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictC
             GlobalHydra.instance().clear()
             GlobalHydra.instance().initialize(outer)
             JobRuntime.instance().set("name", job_name)
-    choices = cfg.hydra.runtime.choices
+    return job_config(cfg)
+
+
+def job_config(composed: DictConfig) -> DictConfig:
+    """What an app's task gets of a config composed with its `hydra` node: a copy without it,
+    with the option picked in each group recorded (`with_choices`)."""
+    cfg = copy.deepcopy(composed)  # its flags too (struct: an unknown key stays an error)
     with open_dict(cfg):
         del cfg["hydra"]
-    return with_choices(cfg, choices)
+    return with_choices(cfg, composed.hydra.runtime.choices)
 
 
 def with_choices(cfg: DictConfig, choices: Mapping[str, Any]) -> DictConfig:

@@ -162,9 +162,14 @@ def load_data(cfg_dataset: Mapping) -> Data:
     point then reuse it. Dataset functions draw from their own seeded generators and nothing
     modifies a Data in place, so the same config always gives the same tensors.
     """
+    return _load_cached(dataset_key(cfg_dataset))
+
+
+def dataset_key(cfg_dataset: Mapping) -> str:
+    """The dataset config as text: equal for configs that give the same tensors."""
     values = OmegaConf.to_container(cfg_dataset, resolve=True) if isinstance(
         cfg_dataset, DictConfig) else dict(cfg_dataset)
-    return _load_cached(json.dumps(values, sort_keys=True, default=str))
+    return json.dumps(values, sort_keys=True, default=str)
 
 
 @functools.lru_cache(maxsize=1)

@@ -184,7 +184,7 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 
 def run_grid(configs: dict[tuple[str, str], DictConfig], s: DictConfig, out_dir: Path,
-             device: str, fuse: Any, parent_run_id: str | None) -> list[Point]:
+             fuse: Any, parent_run_id: str | None) -> list[Point]:
     """Train every grid point as its own MLflow run under the parent run (if any): the points
     of one model variant and factor value, which differ only in lr and seed, train fused (`fuse`
     at once, `sweep.fused`), each still its own run, folder and row."""
@@ -197,7 +197,7 @@ def run_grid(configs: dict[tuple[str, str], DictConfig], s: DictConfig, out_dir:
     names = [f"{variant}-{short}={value}-lr={lr:g}-seed={seed}"
              for variant, value, lr, seed in grid]
     tags = [{"phase": "sensitivity", "variant": variant, "factor": s.factor, "value": value,
-             "lr": override_text(lr), "seed": str(seed), "device": device}
+             "lr": override_text(lr), "seed": str(seed)}
             for variant, value, lr, seed in grid]
     log_plots = bool(cfgs[0].tracking.get("log_plots", False))
     points: list[Point | None] = [None] * len(grid)
@@ -305,7 +305,7 @@ def run_study(argv: Sequence[str], out_dir: Path, cfg: DictConfig | None = None
     with torch_threads(s.threads), mlflow_run(cfg, run_name_=s.name, tags=tags,
                                               run_id=s.from_run) as parent:
         if not s.from_run:
-            points = run_grid(configs, s, out_dir, device, cfg.fuse,
+            points = run_grid(configs, s, out_dir, cfg.fuse,
                               parent.run_id if parent is not None else None)
             if parent is not None:  # analyse what the store holds, not what this process has
                 points = points_from_store(parent.run_id, s.metric)

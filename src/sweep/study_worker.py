@@ -328,6 +328,8 @@ class Worker:
 
     def confirm_group(self, items: list[tuple[optuna.Study, FrozenTrial, str]],
                       cfgs: list[DictConfig], tids: list[int]) -> None:
+        """One group of `fused.groups`: each item its own MLflow run; outcomes reach the storage
+        before the runs close, then each item is told; a failure fails every item of the group."""
         plan, started = self.plan, time.perf_counter()
         seeds = [item.user_attrs["seed"] for _, item, _ in items]
         names = [f"{schedule}-best-seed{seed}" for (_, _, schedule), seed in zip(items, seeds,

@@ -158,8 +158,8 @@ class MetricWriter:
             while self._unwritten and time.monotonic() < give_up and self._thread.is_alive():
                 self._changed.wait(min(1.0, max(0.0, give_up - time.monotonic())))
             lost, refused = self._unwritten, self._refused
-            runs = sorted({p[0] for p in self._handed})
             if lost:  # out of time: the thread drops what it holds
+                runs = sorted({p[0] for p in self._handed})
                 self._gave_up, self._handed, self._unwritten = True, [], 0
                 self._changed.notify_all()
                 raise TrackingUnavailable(
@@ -327,6 +327,12 @@ def summary_tags(result: Any) -> dict[str, str]:
     return tags
 
 
+def log_config(tracker: Tracker, cfg: DictConfig) -> None:
+    """A new run's config: every value as a param, and the whole as `config.yaml`."""
+    tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
+    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+
 @contextmanager
 def mlflow_run(cfg: DictConfig, run_name_: str | None = None, nested: bool = False,
                tags: dict[str, str] | None = None, run_id: str | None = None,
@@ -356,8 +362,7 @@ def mlflow_run(cfg: DictConfig, run_name_: str | None = None, nested: bool = Fal
         tracker = Tracker(run.info.run_id, name=run.info.run_name)
         try:
             if run_id is None:
-                tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-                tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+                log_config(tracker, cfg)
             yield tracker
         finally:
             tracker.close()  # waits for the metrics still being written
@@ -397,8 +402,7 @@ def member_runs(cfgs: Sequence[DictConfig], names: Sequence[str],
                               tags=run_tags_)
             tracker = Tracker(run.info.run_id, name=name, writer=writer)
             trackers.append(tracker)
-            tracker.log_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
-            tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            log_config(tracker, cfg)
         try:
             yield list(trackers)
         finally:

@@ -39,5 +39,4 @@ class FusedLauncher(Launcher):
                initial_job_idx: int) -> Sequence[JobReturn]:
         from sweep.fused.launcher import launch
 
-        return launch(self.hydra_context, self.task_function, self.config, job_overrides,
-                      initial_job_idx)
+        return launch(self.hydra_context, self.config, job_overrides, initial_job_idx)

@@ -15,11 +15,12 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 from tqdm.auto import tqdm
 
 from sweep import fused, run_folder
-from sweep.config import ConfigError, validate, with_choices
+from sweep.__main__ import summary
+from sweep.config import ConfigError, job_config, validate
 from sweep.plots import run_figures
 from sweep.track import member_runs, run_name
 from sweep.train import TrainResult, check_parts
@@ -28,25 +29,17 @@ from sweep.validation import DataError
 log = logging.getLogger("sweep.fused")
 
 
-def job_config(sweep_config: DictConfig) -> DictConfig:
-    """What `sweep.__main__.main` gets for this job: the config without `hydra`, with the options
-    picked in each group, and no bar of its own (the multirun has one)."""
-    cfg = OmegaConf.masked_copy(sweep_config, [k for k in sweep_config if k != "hydra"])
-    cfg = with_choices(cfg, sweep_config.hydra.runtime.choices)
-    cfg.trainer.progress = False
-    return cfg
-
-
 def job_dir(sweep_config: DictConfig) -> Path:
     """The job's output folder, as `run_job` makes it: hydra.sweep.dir/hydra.sweep.subdir."""
     return Path(os.path.abspath(os.path.join(str(sweep_config.hydra.sweep.dir),
                                              str(sweep_config.hydra.sweep.subdir))))
 
 
-def launch(hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig,
+def launch(hydra_context: HydraContext, config: DictConfig,
            job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
     """Compose and check every job, train them in `fuse`-sized groups, then let Hydra run each
-    job's bookkeeping with a task that reports the result already trained."""
+    job's bookkeeping with a task that reports the result already trained (the app's own task,
+    `sweep.__main__.main`, is what this replaces)."""
     if config.hydra.job.config_name != "config":
         raise ConfigError(f"hydra/launcher=fused trains the jobs of `python -m sweep`, not of "
                           f"{config.hydra.job.config_name!r}; use the basic launcher there")
@@ -61,6 +54,8 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
             sweep_config.hydra.job.num = idx
         sweep_configs.append(sweep_config)
     cfgs = [job_config(c) for c in sweep_configs]
+    for cfg in cfgs:  # as `sweep.__main__.main` in a multirun: its one bar, none per job
+        cfg.trainer.progress = False
     # 1. Every job checked, its data and parts built, before any job trains or any run opens.
     try:
         for cfg in cfgs:
@@ -112,8 +107,6 @@ def launch(hydra_context: HydraContext, task_function: TaskFunction, config: Dic
 def reporter(result: TrainResult) -> TaskFunction:
     """The job's task: print what `python -m sweep` prints at a run's end, and return its final
     metric (for Hydra's optimising sweepers)."""
-    from sweep.__main__ import summary
-
     def report(cfg: DictConfig) -> float:
         hydra = HydraConfig.get()
         print(summary(result, cfg, Path(hydra.runtime.output_dir), list(hydra.overrides.task)))

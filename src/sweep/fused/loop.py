@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -11,13 +10,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from sweep import run_folder
 from sweep.config import validate
-from sweep.data import Data, augment_batch, load_data
+from sweep.data import Data, augment_batch, dataset_key, load_data
 from sweep.fused.groups import fusable
 from sweep.fused.model import FusedModel
 from sweep.fused.optim import FusedOptimizer
@@ -48,8 +47,7 @@ def member_parts(cfgs: Sequence[DictConfig]) -> list[Setup]:
     loaded: dict[str, Data] = {}
     parts = []
     for cfg in cfgs:
-        key = json.dumps(OmegaConf.to_container(cfg.dataset, resolve=True), sort_keys=True,
-                         default=str)
+        key = dataset_key(cfg.dataset)
         if key not in loaded:
             loaded[key] = load_data(cfg.dataset)
         data = loaded[key]

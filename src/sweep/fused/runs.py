@@ -9,16 +9,15 @@ would any change of summation order), and one log line for what trains alone and
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sweep.config import AUTO_FUSE
-from sweep.data import load_data
+from sweep.data import dataset_key, load_data
 from sweep.fused.groups import fusable
 from sweep.fused.loop import train_fused
 from sweep.train import Callback, TrainResult, train
@@ -57,9 +56,7 @@ def fitting(cfgs: Sequence[DictConfig], group: list[int], fuse: Any) -> list[lis
     the data, twice while fused (loaded, and stacked beside the others'): 16 MNIST members would
     be 6 GB. Members that share one dataset share its memory.
     """
-    datasets = {json.dumps(OmegaConf.to_container(cfgs[i].dataset, resolve=True),
-                           sort_keys=True, default=str) for i in group}
-    if len(datasets) == 1:
+    if len({dataset_key(cfgs[i].dataset) for i in group}) == 1:
         return [group]
     each = load_data(cfgs[group[0]].dataset).nbytes  # what the first member trains on anyway
     budget = cfgs[group[0]].trainer.device_data_max_mb * 2**20
