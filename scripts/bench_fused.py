@@ -25,7 +25,12 @@ on, a SQLite store in a scratch folder that a first untimed run of each kind cre
 command's wall time (Python's start and imports included) and the study's own seconds (its grid
 trained and tracked, then read back from the store and analysed).
 
+`resnet8` (for a GPU: `--device cuda --only cnn16 resnet8`) is 8 ResNet-18s on CIFAR-10-sized
+random images (`dataset=synthetic_images`), 2 epochs, bf16 autocast (trainer.amp=auto on CUDA);
+on CUDA each timed block also samples the GPU's utilisation through NVML.
+
     python scripts/bench_fused.py [--repeats 5] [--only mlp16 mlp64 bn16 cnn16] [--engines]
+    python scripts/bench_fused.py --device cuda --only cnn16 resnet8 [--repeats 3]
     python scripts/bench_fused.py --study-bn [--repeats 3]
 """
 
@@ -40,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -49,7 +55,7 @@ from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from sweep.config import compose
 from sweep.fused import member_parts, train_fused
-from sweep.fused.model import FusedModel
+from sweep.fused.model import LayerFusedModel
 from sweep.train import setup, train
 
 ARTICLE = ["dataset=synthetic_regression", "model=mlp", "model.hidden=[4,4,4]",
@@ -62,18 +68,69 @@ LRS = (0.1, 0.03, 0.01, 0.005)
 DIGITS_CNN = ["dataset=digits", "model=cnn", "optimizer=sgd", "optimizer.momentum=0.9",
               "scheduler=constant", "trainer.epochs=5", "trainer.device=cpu",
               "trainer.progress=false", "tracking=none"]
-CASES = {"mlp16": (16, "none"), "mlp64": (64, "none"), "bn16": (16, "pre"), "cnn16": (16, "cnn")}
+# ResNet-18 on CIFAR-10-sized random images (synthetic_images: 4096 training and 1024 validation
+# images of 3x32x32), 2 epochs in batches of 128, SGD with momentum; for a GPU (`--device cuda`),
+# where `fuse=auto` fuses it (on a CPU it trains alone).
+RESNET = ["dataset=synthetic_images", "dataset.n_samples=5120", "model=resnet18", "optimizer=sgd",
+          "optimizer.momentum=0.9", "scheduler=cosine", "trainer.epochs=2",
+          "trainer.batch_size=128", "trainer.progress=false", "tracking=none"]
+CASES = {"mlp16": (16, "none"), "mlp64": (64, "none"), "bn16": (16, "pre"), "cnn16": (16, "cnn"),
+         "resnet8": (8, "resnet")}
+# Cases whose models run on `--device` (the others are the BN study's, on the CPU).
+ON_DEVICE = ("cnn", "resnet")
 
 
 def configs(members: int, bn: str) -> list:
     """`members` configs: each lr with seeds 929, 1, 2, ... (the BN study's grid); bn="cnn": the
     digits CNN instead, at lrs a tenth of those."""
     seeds = [929, *range(1, members // len(LRS))]
+    if bn == "resnet":
+        return [compose([*RESNET, f"seed={seed}", f"optimizer.lr={lr}"])
+                for seed in seeds for lr in LRS]
     if bn == "cnn":
         return [compose([*DIGITS_CNN, f"seed={seed}", f"optimizer.lr={lr / 10}"])
                 for seed in seeds for lr in LRS]
     return [compose([*ARTICLE, f"model.bn={bn}", f"seed={seed}", f"optimizer.lr={lr}"])
             for seed in seeds for lr in LRS]
+
+
+class GpuLoad:
+    """The GPU's utilisation (NVML's share of time a kernel ran, in %) sampled every 20 ms while
+    the block runs; `mean` is None where NVML (nvidia-ml-py) or a GPU is not there."""
+
+    def __init__(self, device: str):
+        self.samples: list[int] = []
+        self.handle = None
+        if device.startswith("cuda"):
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self.nvml = pynvml
+                self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            except Exception:  # no NVML here: times only
+                self.handle = None
+
+    def __enter__(self) -> GpuLoad:
+        self.samples, self.running = [], True
+        if self.handle is not None:
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.samples.append(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)
+            time.sleep(0.02)
+
+    def __exit__(self, *exc) -> None:
+        self.running = False
+        if self.handle is not None:
+            self.thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.samples) if self.samples else None
 
 
 def one_after_another(cfgs: list, out: str, built: bool) -> float:
@@ -115,7 +172,7 @@ def engine_steps(bn: str) -> dict:
             for key, p in params.items():
                 p.sub_(grads[key] * lr.view(-1, *[1] * (p.dim() - 1)))
 
-    model = FusedModel(models)
+    model = LayerFusedModel(models)
 
     def by_bmm() -> None:
         loss = F.mse_loss(model.forward(x, True), y, reduction="none").flatten(1).mean(1)
@@ -183,8 +240,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", nargs="*", choices=list(CASES), help="cases (default: all)")
     parser.add_argument("--engines", action="store_true", help="also vmap against bmm")
-    parser.add_argument("--device", default="cpu", help="trainer.device of the CNN case (cuda on a "
-                        "GPU machine: 16 CNNs fused against one after another there)")
+    parser.add_argument("--device", default="cpu", help="trainer.device of the CNN and ResNet "
+                        "cases (cuda on a GPU machine, where GPU utilisation is printed too)")
     parser.add_argument("--study-bn", action="store_true",
                         help="only `make study-bn` end to end, fuse=1 against fuse=auto")
     args = parser.parse_args()
@@ -206,18 +263,24 @@ def main() -> None:
         engines(steps=200, repeats=args.repeats)
     for name in args.only or CASES:
         members, bn = CASES[name]
-        torch.set_num_threads(threads if bn == "cnn" else 1)
+        torch.set_num_threads(threads if bn in ON_DEVICE else 1)
         cfgs = configs(members, bn)
-        if bn == "cnn":
+        if bn in ON_DEVICE:
             for cfg in cfgs:
                 cfg.trainer.device = args.device
         one_after_another(cfgs[:2], out, False)  # warm-up: imports, the first dataset and model
         fused(cfgs[:2], False)
+        load = GpuLoad(args.device)
         for built in (False, True):
             alone, together = [], []
+            alone_load, together_load = [], []
             for _ in range(args.repeats):
-                alone.append(one_after_another(cfgs, out, built))
-                together.append(fused(cfgs, built))
+                with load:
+                    alone.append(one_after_another(cfgs, out, built))
+                alone_load.append(load.mean)
+                with load:
+                    together.append(fused(cfgs, built))
+                together_load.append(load.mean)
             ratios = sorted(a / f for a, f in zip(alone, together, strict=True))
             what = "training only" if built else "end to end   "
             print(f"{name:6s} {members} members, bn={bn}, {what}: one after another "
@@ -226,6 +289,12 @@ def main() -> None:
                   f"({min(together):.2f}-{max(together):.2f}), ratio "
                   f"{statistics.median(ratios):5.1f} (paired, {ratios[0]:.1f}-{ratios[-1]:.1f}; "
                   f"{args.repeats} repeats)")
+            if None not in alone_load + together_load:
+                print(f"{'':6s} GPU utilisation (NVML, mean over each timed block): one after "
+                      f"another {statistics.median(alone_load):.0f}% "
+                      f"({min(alone_load):.0f}-{max(alone_load):.0f}), fused "
+                      f"{statistics.median(together_load):.0f}% "
+                      f"({min(together_load):.0f}-{max(together_load):.0f})")
     if hasattr(os, "getloadavg"):
         print(f"load average {os.getloadavg()[0]:.2f} at the end")
 

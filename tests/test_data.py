@@ -17,6 +17,7 @@ from sweep.data import (
     make_regression,
     mnist,
     synthetic_classification,
+    synthetic_images,
     synthetic_regression,
     tensor_batches,
 )
@@ -92,7 +93,8 @@ def test_synthetic_regression_splits_the_articles_data():
     assert torch.equal(y, sorted_rows(features, labels)[1])
 
 
-@pytest.mark.parametrize("make", [synthetic_regression, synthetic_classification, digits])
+@pytest.mark.parametrize("make", [synthetic_regression, synthetic_classification, digits,
+                                  synthetic_images])
 def test_data_and_split_are_reproducible_by_seed_and_differ_across_seeds(make):
     a, b, c = make(seed=0), make(seed=0), make(seed=1)
     assert torch.equal(a.x_train, b.x_train) and torch.equal(a.y_val, b.y_val)
@@ -106,6 +108,17 @@ def test_synthetic_classification_is_balanced_gaussian_blobs():
     assert torch.bincount(y).tolist() == [300, 300, 300]
     centres = torch.stack([x[y == k].mean(0) for k in range(3)])
     assert torch.allclose(centres, torch.tensor([[-4.0], [0.0], [4.0]]).expand(3, 2), atol=0.1)
+
+
+def test_synthetic_images_are_class_patterns_under_noise():
+    data = synthetic_images(n_samples=200, shape=[1, 8, 8], n_classes=4, signal=2.0)
+    assert data.in_shape == (1, 8, 8) and data.x_train.shape == (160, 1, 8, 8)
+    assert data.task == "classification" and data.num_outputs == 4
+    # Each class's mean image is its pattern: far closer to its own class's images than to others'.
+    x, y = data.x_train, data.y_train
+    means = torch.stack([x[y == k].mean(0) for k in range(4)])
+    nearest = ((data.x_val[:, None] - means[None]) ** 2).flatten(2).sum(2).argmin(1)
+    assert (nearest == data.y_val).float().mean() > 0.9
 
 
 def test_digits_are_normalised_on_the_train_split():
@@ -133,6 +146,8 @@ def test_data_reports_its_size_and_steps():
     (synthetic_regression, {"degree": 0}, "dataset.degree"),
     (synthetic_regression, {"weights": [], "bias": False}, "dataset.weights"),
     (synthetic_classification, {"n_classes": 1}, "dataset.n_classes"),
+    (synthetic_images, {"shape": [32, 32]}, "dataset.shape"),
+    (synthetic_images, {"signal": -1}, "dataset.signal"),
     (digits, {"augment": {"crop_padding": -1}}, "dataset.augment.crop_padding"),
     (digits, {"augment": {"crop_padding": 1}, "flatten": True}, "dataset.augment"),
     (mnist, {"train_size": 0}, "dataset.train_size"),

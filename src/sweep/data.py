@@ -282,6 +282,32 @@ def synthetic_classification(n_samples: int = 1000, n_features: int = 2, n_class
 # --- image datasets ------------------------------------------------------------------------------
 
 @task("classification")
+def synthetic_images(n_samples: int = 1000, shape: Sequence[int] = (3, 32, 32),
+                     n_classes: int = 10, signal: float = 0.5, seed: int = 0,
+                     val_fraction: float = 0.2, augment: Mapping | None = None) -> Data:
+    """Random images of CIFAR-10's shape (or any (C, H, W)): each class a fixed random pattern
+    times `signal`, plus unit Gaussian noise per image. For timing image models where CIFAR-10 is
+    not at hand, and for tests: a model can learn it, but not at once."""
+    check_int_at_least("dataset.n_samples", n_samples, 2)
+    check_int_at_least("dataset.n_classes", n_classes, 2)
+    if (isinstance(shape, str | bytes) or not isinstance(shape, Sequence) or len(shape) != 3
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        fail("dataset.shape", shape, "three integers >= 1: [channels, height, width]")
+    check_in_range("dataset.signal", signal, 0, math.inf, low_open=False)
+    _check_split(val_fraction)
+    in_shape = tuple(shape)
+    augment = _check_augment(augment, in_shape)
+    arguments_checked()
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(n_classes, *in_shape, generator=g)
+    y = torch.arange(n_samples) % n_classes  # balanced classes
+    x = signal * patterns[y] + torch.randn(n_samples, *in_shape, generator=g)
+    return Data(*_split(x, y, val_fraction, g), task="classification", in_shape=in_shape,
+                num_outputs=n_classes, name="synthetic_images", augment=augment)
+
+
+
+@task("classification")
 def digits(val_fraction: float = 0.2, seed: int = 0, flatten: bool = False,
            augment: Mapping | None = None) -> Data:
     """scikit-learn's bundled 8x8 digits (1797 images, no download), normalised on train only."""

@@ -94,7 +94,10 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
+    # cuDNN times its algorithms for each new input shape and keeps the fastest, instead of
+    # guessing by heuristics: a run's batches have one or two shapes. The timing makes the
+    # choice, and so the rounding, vary between runs: off where runs must repeat exactly.
+    torch.backends.cudnn.benchmark = not deterministic
 
 
 def loss_and_metric(cfg: DictConfig, task: str, dataset: str) -> tuple[Callable, str, str]:

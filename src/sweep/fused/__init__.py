@@ -10,9 +10,11 @@ The modules, in reading order:
 - `groups`: `fusable(configs, max_size)` -> (groups of indices, {index: why not}); what a group
   shares (model, dataset, trainer, the optimizer's update rule and parameter-group patterns) and
   what its members may differ in (every optimizer value, schedule and its knobs, warmup, seed);
-- `model`: `FusedModel`, the members' `nn.Sequential`s (the MLP family with BatchNorm1d `bn: none
-  | pre | post`, each member's running statistics its own channels; the CNN, its convolutions one
-  grouped convolution, its dropout masks each member's own, drawn as its run alone draws them);
+- `model`: `fuse_models` -> a `StackedModel`: `LayerFusedModel` for the members' `nn.Sequential`s
+  (the MLP family with BatchNorm1d `bn: none | pre | post`, each member's running statistics its
+  own channels; the CNN, its convolutions one grouped convolution, its dropout masks each
+  member's own, drawn as its run alone draws them), `TreeFusedModel` for ResNet-18 (a copy of
+  its module tree with every layer swapped for its fused twin);
 - `optim`: `FusedOptimizer`, PyTorch's SGD (momentum, dampening, nesterov, weight decay),
   Adam/AdamW, RMSprop (momentum, centered) and Adagrad update rules on the stacked weights, each
   member's values read from its own `torch.optim` optimizer, which its own scheduler (the same
@@ -37,8 +39,12 @@ buffers updated in place; `bmm` is one kernel per layer, and BatchNorm over (bat
 features) is PyTorch's own kernel, which gives each member its own statistics exactly. The flat
 (members, numel) weights make the optimizer step a handful of ops whatever the depth.
 
-Not yet: ResNet-18, fp16, checkpoints; `fusable` gives those configs a reason, and
-callers train them alone (`runs.groups` says so in one log line).
+For ResNet-18 on a GPU the same holds (`docs/benchmarks.md`: a training step of 8 took 48 ms
+vmapped, 22-24 ms fused by hand); on a CPU fused ResNets train slower than alone, so `fuse=auto`
+trains them alone there.
+
+Not yet: fp16, checkpoints; `fusable` gives those configs a reason, and callers train them alone
+(`runs.groups` says so in one log line).
 """
 
 from sweep.fused.groups import fusable, why_not

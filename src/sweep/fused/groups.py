@@ -11,7 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from sweep.train import pick_amp, pick_device
 
-MODELS = ("sweep.models.mlp", "sweep.models.cnn")
+# Fused layer by layer (`LayerFusedModel`), and by module surgery (`TreeFusedModel`, only for
+# trees known to mix no channels but through the layers it swaps).
+LAYER_MODELS = ("sweep.models.mlp", "sweep.models.cnn")
+TREE_MODELS = ("sweep.models.resnet18",)
+MODELS = (*LAYER_MODELS, *TREE_MODELS)
 # The update rule each optimizer follows: Adam and AdamW members train together (each member's
 # `decoupled_weight_decay` says which it is).
 OPTIMIZERS = {"torch.optim.SGD": "sgd", "torch.optim.Adam": "adam", "torch.optim.AdamW": "adam",
@@ -46,8 +50,8 @@ def why_not(cfg: DictConfig) -> str | None:
     """Why this config cannot train fused (one line), or None when it can."""
     t, opt = cfg.trainer, cfg.optimizer
     if cfg.model.get("_target_") not in MODELS:
-        return (f"model {cfg.model.get('_target_')} does not fuse yet (the MLP family and the "
-                "CNN do)")
+        return (f"model {cfg.model.get('_target_')} does not fuse yet (the MLP family, the CNN "
+                "and ResNet-18 do)")
     if opt.get("_target_") not in OPTIMIZERS:
         return (f"optimizer {opt.get('_target_')} does not fuse yet (SGD, Adam, AdamW, RMSprop "
                 "and Adagrad do)")
@@ -59,6 +63,19 @@ def why_not(cfg: DictConfig) -> str | None:
                 "(bf16 and off fuse)")
     if t.resume is not None or t.checkpoint.every:
         return "checkpoints (trainer.resume, trainer.checkpoint.every) do not fuse"
+    return None
+
+
+def slower_fused(cfg: DictConfig) -> str | None:
+    """Why fusing this config would train it slower than alone (one line), or None: `fuse=auto`
+    trains such a config alone, an explicit `fuse=<n>` fuses it anyway."""
+    target = cfg.model.get("_target_")
+    if target in TREE_MODELS and pick_device(cfg.trainer.device).type == "cpu":
+        # Measured (docs/benchmarks.md): on the 2-core development CPU, fused ResNet-18s train
+        # slower than one after another (its grouped convolutions are slower there than one
+        # convolution per member); on a GPU they pay.
+        return (f"model {target} fuses by grouped convolutions, which on a CPU train slower than "
+                "one at a time (fuse=<n> fuses it anyway)")
     return None
 
 

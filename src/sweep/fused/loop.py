@@ -18,7 +18,7 @@ from sweep import run_folder
 from sweep.config import validate
 from sweep.data import Data, augment_batch, dataset_key, load_data
 from sweep.fused.groups import fusable
-from sweep.fused.model import FusedModel
+from sweep.fused.model import StackedModel, fuse_models
 from sweep.fused.optim import FusedOptimizer
 from sweep.models import build_model
 from sweep.optim import build_optimizer
@@ -87,16 +87,27 @@ EVAL_NUMBERS = 2**22
 def eval_rows(model: torch.nn.Module, in_shape: Sequence[int], members: int,
               batch_size: int) -> int:
     """Samples per member in one evaluation batch: up to 1024 (as `train`), fewer where the
-    members' activations together would outgrow EVAL_NUMBERS, never fewer than a training batch."""
+    members' activations together would outgrow EVAL_NUMBERS, never fewer than a training batch.
+    The widest activation is the largest output of any of the model's leaf modules."""
+    widest = 0
+
+    def measure(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        nonlocal widest
+        if isinstance(output, Tensor):
+            widest = max(widest, output[0].numel())
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    hooks = [m.register_forward_hook(measure) for m in leaves]
     was_training = model.training
     model.eval()
-    weight = next(model.parameters())
-    x, widest = torch.zeros(1, *in_shape, dtype=weight.dtype, device=weight.device), 0
-    for layer in model:
-        x = layer(x)
-        widest = max(widest, x[0].numel())
-    model.train(was_training)
-    return max(batch_size, min(1024, EVAL_NUMBERS // (members * widest)))
+    try:
+        weight = next(model.parameters())
+        model(torch.zeros(1, *in_shape, dtype=weight.dtype, device=weight.device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return max(batch_size, min(1024, EVAL_NUMBERS // (members * max(widest, 1))))
 
 
 SPLITS = ("x_train", "y_train", "x_val", "y_val")
@@ -141,7 +152,7 @@ def member_loss(cfg: DictConfig, data: Data) -> tuple[str, Callable[[Tensor, Ten
 
 
 @torch.no_grad()
-def evaluate(model: FusedModel, split: dict[str, Tensor], loss_name: str, member_losses: Callable,
+def evaluate(model: StackedModel, split: dict[str, Tensor], loss_name: str, member_losses: Callable,
              metric_name: str, batch_size: int, train_split: bool) -> list[dict[str, float]]:
     """Each member's validation loss and metric (and with `train_split` its loss over the whole
     training split), in eval mode, as `sweep.train.evaluate` computes them."""
@@ -214,8 +225,8 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
         # Nothing has a gradient, so this changes nothing; it tells the schedulers that their
         # optimizer has stepped (else PyTorch warns that they step first).
         view.step()
-    model = FusedModel([p.model for p in parts], [p.rng or global_rng(device) for p in parts],
-                       first.amp)
+    model = fuse_models([p.model for p in parts],
+                        [p.rng or global_rng(device) for p in parts], first.amp)
     names = {id(p): k for k, p in first.model.named_parameters()}
     opt = FusedOptimizer(model.flat, views, [model.columns([names[id(p)] for p in g["params"]])
                                              for g in views[0].param_groups])

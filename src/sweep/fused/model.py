@@ -1,9 +1,25 @@
-"""N members of one `nn.Sequential` as one wider model (HFTA's horizontal fusion): a batched matmul
-per Linear, a grouped convolution per Conv2d, BatchNorm and pooling over the members' channels, each
-member's weights a row of a stacked tensor and its dropout masks drawn from its own generator."""
+"""N members of one model as one wider model, each member's computation exactly its own.
+
+Two engines behind one interface (`StackedModel`): inputs are (members, batch, *in_shape),
+outputs (members, batch, outputs), and all of a member's parameters are one row of `flat`. Both
+fuse HFTA's way (Wang et al., MLSys 2021): a grouped convolution per Conv2d over the members'
+channels side by side, BatchNorm over all of them (each channel's statistics one member's), a
+batched matmul per Linear.
+
+- `LayerFusedModel`, for an `nn.Sequential` of layers it knows (the MLP family and the CNN), layer
+  by layer; vectors stay (members, batch, features) between Linears, and each member's dropout
+  masks come from its own generator.
+- `TreeFusedModel`, for a module tree built of such layers (ResNet-18), by swapping each layer of
+  a copy for its fused twin and running the copy's own forward.
+
+Why not `torch.func.vmap`: measured slower in both places that matter (`sweep.fused` for the
+CPU's MLPs; on an H200, a training step of 8 ResNet-18s took 48 ms vmapped and 22 ms fused by
+hand, batch 128; docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -15,19 +31,91 @@ ELEMENTWISE = (nn.Tanh, nn.ReLU, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.GELU, nn.S
 # Modules that act on each channel of (batch, channels, H, W) alone: the members' channels side by
 # side give each member what its own module computes.
 PER_CHANNEL = (nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+# Every layer LayerFusedModel fuses.
+LAYERS = (nn.Flatten, nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.Dropout, *ELEMENTWISE,
+          *PER_CHANNEL)
 
 
-class FusedModel:
+def fuse_models(models: Sequence[nn.Module], generators: Sequence[torch.Generator] | None = None,
+                amp: torch.dtype | None = None) -> StackedModel:
+    """The members as one model: layer by layer where `LayerFusedModel` knows every layer of a
+    Sequential, else by module surgery. `generators[i]`: member i's dropout masks."""
+    first = models[0]
+    if isinstance(first, nn.Sequential) and all(isinstance(m, LAYERS) for m in first):
+        return LayerFusedModel(models, generators, amp)
+    return TreeFusedModel(models, amp)
+
+
+class StackedModel:
+    """What both engines share. All of a member's parameters are one row of `flat`
+    (members, numel), in the order of its `named_parameters()`; `params` are views of it shaped
+    as the forward pass uses them (the leaves gradients are taken of), so an optimizer updates
+    every layer of every member with a few ops on `flat`. `stats`: buffers (BatchNorm's running
+    statistics), stacked over the members."""
+
+    names: list[str]
+    shapes: list[torch.Size]
+    params: list[Tensor]
+    stats: list[Tensor]
+    flat: Tensor
+    generators: list[torch.Generator] | None = None
+    amp: torch.dtype | None = None  # bf16 autocast, as `train` runs a model alone with amp=bf16
+
+    def _stack_params(self, stacked: Sequence[Tensor]) -> None:
+        self.shapes = [p.shape[1:] for p in stacked]
+        self.flat = torch.cat([p.flatten(1) for p in stacked], dim=1)
+        self._views()
+
+    def _views(self) -> None:
+        # Views of `flat` that are leaves of their own: `flat` has no grad, so in-place updates
+        # of it between steps are what the next forward reads.
+        self.params, start = [], 0
+        for shape in self.shapes:
+            size = shape.numel()
+            view = self.flat[:, start:start + size].view(len(self.flat), *shape)
+            self.params.append(view.requires_grad_())
+            start += size
+
+    def flat_grads(self, grads: Sequence[Tensor]) -> Tensor:
+        """Gradients of `params` as rows like `flat`'s."""
+        return torch.cat([g.flatten(1) for g in grads], dim=1)
+
+    def columns(self, names: Sequence[str]) -> list[range]:
+        """The columns of `flat` that hold the named parameters, a range per parameter (ranges,
+        not lists: a ResNet-18 has 11 million columns)."""
+        starts, start = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            starts[name] = range(start, start + shape.numel())
+            start += shape.numel()
+        return [starts[name] for name in names]
+
+    def forward(self, x: Tensor, training: bool) -> Tensor:
+        """(members, batch, *in_shape) -> (members, batch, outputs); `training`: BatchNorm's and
+        dropout's mode. Under `amp` the outputs come back in float32, as `train` takes them."""
+        if self.amp is None:
+            return self._forward(x, training)
+        with torch.autocast(x.device.type, dtype=self.amp):
+            return self._forward(x, training).float()
+
+    def _forward(self, x: Tensor, training: bool) -> Tensor:
+        raise NotImplementedError
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only these members (a stopped member's rows leave the computation)."""
+        self.flat = self.flat.index_select(0, rows)
+        self._views()
+        self.stats = [s.index_select(0, rows) for s in self.stats]
+        if self.generators is not None:
+            self.generators = [self.generators[i] for i in rows.tolist()]
+
+
+class LayerFusedModel(StackedModel):
     """The members' `nn.Sequential`s of Flatten, Linear, Conv2d, BatchNorm1d, pooling, Dropout and
-    activations (the MLP family and the CNN of `sweep.models`), stacked.
+    activations (the MLP family and the CNN of `sweep.models`), fused layer by layer.
 
-    Inputs are (members, batch, *in_shape) and outputs (members, batch, outputs). Between layers
-    activations are either vectors, (members, batch, features), where a Linear is one `bmm`, or
-    images, (batch, members x channels, H, W), where a Conv2d is one convolution with
-    groups=members and pooling acts per channel. All of a member's parameters are one row of
-    `flat` (members, numel), in the order of its `named_parameters()`; `params` are views of it
-    shaped as the forward pass uses them (the leaves gradients are taken of), so an optimizer
-    updates every layer of every member with a few ops on `flat`.
+    Between layers activations are either vectors, (members, batch, features), where a Linear is
+    one `bmm`, or images, (batch, members x channels, H, W), where a Conv2d is one convolution
+    with groups=members and pooling acts per channel.
 
     `generators[i]`: member i's randomness (its dropout masks), at the state the global RNG has
     when its model alone starts training, so each member draws the masks its run alone draws.
@@ -68,35 +156,11 @@ class FusedModel:
                 raise ValueError(f"cannot fuse a {type(module).__name__} layer (layer {index})")
         if [p[0].numel() for p in self.params] != [p.numel() for p in first.parameters()]:
             raise ValueError("some parameters of the model are not in a layer fusion knows")
-        self.shapes = [p.shape[1:] for p in self.params]
-        self.flat = torch.cat([p.flatten(1) for p in self.params], dim=1)
-        self._views()
+        self._stack_params(self.params)
 
     def _stack(self, tensors) -> int:
         self.params.append(torch.stack([t.detach() for t in tensors]))
         return len(self.params) - 1
-
-    def _views(self) -> None:
-        # Views of `flat` that are leaves of their own: `flat` has no grad, so in-place updates
-        # of it between steps are what the next forward reads.
-        self.params, start = [], 0
-        for shape in self.shapes:
-            size = shape.numel()
-            view = self.flat[:, start:start + size].view(len(self.flat), *shape)
-            self.params.append(view.requires_grad_())
-            start += size
-
-    def flat_grads(self, grads: Sequence[Tensor]) -> Tensor:
-        """Gradients of `params` as rows like `flat`'s."""
-        return torch.cat([g.flatten(1) for g in grads], dim=1)
-
-    def columns(self, names: Sequence[str]) -> list[int]:
-        """The columns of `flat` that hold the named parameters."""
-        starts, start = {}, 0
-        for name, shape in zip(self.names, self.shapes, strict=True):
-            starts[name] = range(start, start + shape.numel())
-            start += shape.numel()
-        return [c for name in names for c in starts[name]]
 
     def _conv(self, module: nn.Conv2d, same: list[nn.Conv2d]) -> tuple:
         if module.groups != 1 or module.padding_mode != "zeros":
@@ -115,14 +179,6 @@ class FusedModel:
         self.stats += [torch.stack([m.running_mean for m in same]),
                        torch.stack([m.running_var for m in same])]
         return ("batch_norm", weight, bias, len(self.stats) - 2, module.momentum, module.eps)
-
-    def forward(self, x: Tensor, training: bool) -> Tensor:
-        """(members, batch, *in_shape) -> (members, batch, outputs); `training`: BatchNorm's and
-        dropout's mode. Under `amp` the outputs come back in float32, as `train` takes them."""
-        if self.amp is None:
-            return self._forward(x, training)
-        with torch.autocast(x.device.type, dtype=self.amp):
-            return self._forward(x, training).float()
 
     def _forward(self, x: Tensor, training: bool) -> Tensor:
         p = self.params
@@ -178,10 +234,102 @@ class FusedModel:
                            self.stats[s + 1].view(-1), weight, bias, training, momentum, eps)
         return out.view(batch, members, h).transpose(0, 1)
 
-    def keep(self, rows: Tensor) -> None:
-        """Keep only these members (a stopped member's rows leave the computation)."""
-        self.flat = self.flat.index_select(0, rows)
-        self._views()
-        self.stats = [s.index_select(0, rows) for s in self.stats]
-        if self.generators is not None:
-            self.generators = [self.generators[i] for i in rows.tolist()]
+
+class TreeFusedModel(StackedModel):
+    """A module tree such as torchvision's ResNet-18, fused by module surgery (HFTA's way): a copy
+    of the first member whose every Conv2d is one convolution with groups=members over the
+    members' channels side by side, every BatchNorm2d one over all of them (each channel's
+    statistics one member's), and every Linear (the head, after the flatten) one batched matmul.
+    The copy's own forward runs: activations, pooling and residual additions act on each channel
+    alone, so on each member's channels as on its own.
+
+    Only for models known to be built that way (`sweep.fused.groups.TREE_MODELS`): a forward that
+    mixed channels any other way would mix members. On CUDA activations are channels-last, which
+    cuDNN's grouped convolutions run fastest in.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], amp: torch.dtype | None = None):
+        first = models[0]
+        self.amp = amp
+        self.names = [name for name, _ in first.named_parameters()]
+        index = {name: i for i, name in enumerate(self.names)}
+        own = [dict(m.named_modules()) for m in models]
+        self.stats = []
+        self.tree = copy.deepcopy(first)
+        for name, module in list(self.tree.named_modules()):
+            same = [modules[name] for modules in own]
+            weight, bias = index.get(f"{name}.weight"), index.get(f"{name}.bias")
+            if isinstance(module, nn.Conv2d):
+                if module.groups != 1 or module.padding_mode != "zeros":
+                    raise ValueError(f"fusion takes ungrouped, zero-padded Conv2d layers ({name})")
+                fused = _GroupedConv2d(self, weight, bias, module)
+            elif isinstance(module, nn.BatchNorm2d):
+                if not module.track_running_stats or module.momentum is None or not module.affine:
+                    raise ValueError(f"fusion needs affine BatchNorm2d with running statistics "
+                                     f"and a momentum ({name})")
+                self.stats += [torch.stack([m.running_mean for m in same]),
+                               torch.stack([m.running_var for m in same])]
+                fused = _WideBatchNorm2d(self, weight, bias, len(self.stats) - 2, module)
+            elif isinstance(module, nn.Linear):
+                fused = _BatchedLinear(self, weight, bias)
+            else:
+                continue
+            parent, _, leaf = name.rpartition(".")
+            setattr(self.tree.get_submodule(parent), leaf, fused)
+        if list(self.tree.parameters()):
+            left = [name for name, _ in self.tree.named_parameters()]
+            raise ValueError(f"cannot fuse {type(first).__name__}: fusion knows no layer of {left}")
+        members = [dict(m.named_parameters()) for m in models]
+        self._stack_params([torch.stack([mine[n].detach() for mine in members])
+                            for n in self.names])
+
+    def _forward(self, x: Tensor, training: bool) -> Tensor:
+        members, batch = x.shape[:2]
+        self.tree.train(training)
+        x = x.transpose(0, 1).reshape(batch, members * x.shape[2], *x.shape[3:])
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.tree(x).view(batch, members, -1).transpose(0, 1)
+
+
+class _GroupedConv2d(nn.Module):
+    def __init__(self, model: StackedModel, weight: int, bias: int | None, conv: nn.Conv2d):
+        super().__init__()
+        self.model, self.weight, self.bias = model, weight, bias
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.model.params
+        members = len(p[self.weight])
+        weight = p[self.weight].reshape(-1, *p[self.weight].shape[2:])  # (members x out, in, k, k)
+        bias = None if self.bias is None else p[self.bias].reshape(-1)
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups=members)
+
+
+class _WideBatchNorm2d(nn.Module):
+    def __init__(self, model: StackedModel, weight: int, bias: int, stats: int,
+                 bn: nn.BatchNorm2d):
+        super().__init__()
+        self.model, self.weight, self.bias, self.stats = model, weight, bias, stats
+        self.momentum, self.eps = bn.momentum, bn.eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        p, s = self.model.params, self.model.stats
+        return F.batch_norm(x, s[self.stats].view(-1), s[self.stats + 1].view(-1),
+                            p[self.weight].reshape(-1), p[self.bias].reshape(-1), self.training,
+                            self.momentum, self.eps)
+
+
+class _BatchedLinear(nn.Module):
+    def __init__(self, model: StackedModel, weight: int, bias: int | None):
+        super().__init__()
+        self.model, self.weight, self.bias = model, weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:  # (batch, members x in) -> (batch, members x out)
+        p = self.model.params
+        members, batch = len(p[self.weight]), len(x)
+        x = x.reshape(batch, members, -1).transpose(0, 1)
+        weight = p[self.weight].transpose(1, 2)  # (members, in, out)
+        out = torch.bmm(x, weight) if self.bias is None else torch.baddbmm(
+            p[self.bias].unsqueeze(1), x, weight)
+        return out.transpose(0, 1).reshape(batch, -1)

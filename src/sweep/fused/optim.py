@@ -27,21 +27,25 @@ KEYS = {"sgd": ("lr", "momentum", "dampening", "weight_decay", "nesterov"),
 class FusedOptimizer:
     """Steps `flat` (members, numel) as each member's optimizer (`views`) would step its model.
 
-    `columns[g]`: the columns of `flat` that parameter group g holds (the same in every member).
+    `columns[g]`: the ranges of columns of `flat` that parameter group g holds (the same in every
+    member; `StackedModel.columns`).
     """
 
     def __init__(self, flat: Tensor, views: Sequence[torch.optim.Optimizer],
-                 columns: Sequence[Sequence[int]]):
+                 columns: Sequence[Sequence[range]]):
         self.rule = RULES[type(views[0])]
         self.views = list(views)
         self.steps = 0  # every member steps together, so one count is every member's
         self.state: dict[str, Tensor] = {}
         numel = flat.shape[1]
-        if sorted(c for cols in columns for c in cols) != list(range(numel)):
+        group = torch.full((numel,), -1, dtype=torch.long)
+        held = 0
+        for g, ranges in enumerate(columns):
+            for cols in ranges:
+                group[cols.start:cols.stop] = g
+                held += len(cols)
+        if held != numel or bool((group < 0).any()):
             raise ValueError("the parameter groups must hold every column once")
-        group = torch.empty(numel, dtype=torch.long)
-        for g, cols in enumerate(columns):
-            group[list(cols)] = g
         # One group: a (members, 1) column broadcasts; several: each column picks its group's.
         self.group = None if len(columns) == 1 else group.to(flat.device)
         self.dtype, self.device = flat.dtype, flat.device

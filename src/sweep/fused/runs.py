@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from sweep.config import AUTO_FUSE
 from sweep.data import dataset_key, load_data
-from sweep.fused.groups import fusable
+from sweep.fused.groups import fusable, slower_fused
 from sweep.fused.loop import train_fused
 from sweep.train import Callback, TrainResult, train
 
@@ -32,12 +32,19 @@ def fuse_size(value: Any) -> int:
 
 def groups(cfgs: Sequence[DictConfig], fuse: Any) -> list[list[int]]:
     """Indices of `cfgs` to train together, each group at most `fuse` runs, in the order of their
-    first run; a config that cannot fuse is a group of one, and one log line per reason says so.
+    first run; a config that cannot fuse (or, under `fuse=auto`, would train slower fused) is a
+    group of one, and one log line per reason says so.
     """
     size = fuse_size(fuse)
     if size == 1 or len(cfgs) < 2:
         return [[i] for i in range(len(cfgs))]
-    together, reasons = fusable(cfgs, size)
+    # `auto` fuses what pays; an explicit size fuses whatever can.
+    slower = {i: why for i, cfg in enumerate(cfgs)
+              if fuse == "auto" and (why := slower_fused(cfg)) is not None}
+    rest = [i for i in range(len(cfgs)) if i not in slower]
+    together, reasons = fusable([cfgs[i] for i in rest], size)
+    together = [[rest[k] for k in group] for group in together]
+    reasons = {**{rest[k]: why for k, why in reasons.items()}, **slower}
     by_reason: dict[str, list[int]] = {}
     for i, why in reasons.items():
         by_reason.setdefault(why, []).append(i)
