@@ -377,3 +377,20 @@ def test_members_with_their_own_large_splits_fuse_in_groups_that_fit(caplog):
     shared = [with_values(cfg, {"dataset.seed": 7, "trainer.device_data_max_mb": each / 2**20})
               for cfg in cfgs]
     assert groups(shared, "auto") == [[0, 1, 2]]
+
+
+def test_tree_fusion_refuses_what_would_not_be_each_members_own():
+    # A module tree fuses by swapping its layers; a dropout left in it would draw one mask over
+    # every member's channels, and a layer it does not know would mix them.
+    from torch import nn
+
+    from sweep.fused.model import TreeFusedModel
+
+    def tree(*middle):
+        return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), *middle, nn.Flatten(),
+                             nn.Linear(2 * 36, 3))
+
+    with pytest.raises(ValueError, match="dropout inside a module tree"):
+        TreeFusedModel([tree(nn.Dropout(0.5)) for _ in range(2)])
+    with pytest.raises(ValueError, match="knows no layer of .*weight"):
+        TreeFusedModel([tree(nn.GroupNorm(1, 2)) for _ in range(2)])

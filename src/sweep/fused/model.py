@@ -272,6 +272,9 @@ class TreeFusedModel(StackedModel):
                 fused = _WideBatchNorm2d(self, weight, bias, len(self.stats) - 2, module)
             elif isinstance(module, nn.Linear):
                 fused = _BatchedLinear(self, weight, bias)
+            elif isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+                # One mask over the wide tensor would not be any member's own masks.
+                raise ValueError(f"cannot fuse dropout inside a module tree ({name})")
             else:
                 continue
             parent, _, leaf = name.rpartition(".")
