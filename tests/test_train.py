@@ -242,11 +242,14 @@ def test_epoch_means_give_the_mean_loss_and_the_rms_of_the_total_gradient_norm()
     total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
     assert math.sqrt(sum(n.item() ** 2 for n in norms)) == pytest.approx(total, rel=1e-5)
 
-    losses = [torch.tensor(v) for v in (1.0, 2.0, 6.0)]
-    samples = [[torch.tensor(3.0), torch.tensor(4.0)], [torch.tensor(0.0), torch.tensor(0.0)]]
-    # Totals 5 and 0: the RMS is sqrt((25 + 0) / 2).
-    assert epoch_means(losses, samples) == pytest.approx((3.0, math.sqrt(12.5)))
-    assert math.isnan(epoch_means(losses, [])[1])
+    # Two runs trained at once: a (runs,) tensor a step. Run 0's sampled total norms 5 and 0
+    # give the RMS sqrt((25 + 0) / 2); run 1's, 1 and 1.
+    losses = [torch.tensor([1.0, 0.5]), torch.tensor([2.0, 0.5]), torch.tensor([6.0, 0.5])]
+    samples = [torch.tensor([5.0, 1.0]), torch.tensor([0.0, 1.0])]
+    (mean0, rms0), (mean1, rms1) = epoch_means(losses, samples)
+    assert (mean0, rms0) == pytest.approx((3.0, math.sqrt(12.5)))
+    assert (mean1, rms1) == pytest.approx((0.5, 1.0))
+    assert math.isnan(epoch_means(losses, [])[0][1])
 
 
 # --- the loss over the training split in eval mode, and "did not learn" -------------------------

@@ -126,17 +126,22 @@ def grad_norms(params: list[torch.Tensor]) -> Sequence[torch.Tensor]:
     return torch._foreach_norm(grads)
 
 
-def epoch_means(losses: list[torch.Tensor],
-                norms: list[Sequence[torch.Tensor]]) -> tuple[float, float]:
-    """The mean step loss, and the RMS over sampled steps of the total gradient norm (or NaN).
+def epoch_means(losses: list[torch.Tensor], norms: list[torch.Tensor]
+                ) -> list[tuple[float, float]]:
+    """For each run of a step's (runs,) tensors: the mean step loss, and the RMS over sampled
+    steps of the total gradient norm (NaN where none was sampled).
 
-    Both come back from the device in one read; the arithmetic on these few hundred numbers is
+    All come back from the device in one read; the arithmetic on these few hundred numbers is
     cheaper in Python than the half-dozen tensor ops it would take there.
     """
-    values = torch.stack([*losses, *(n for sample in norms for n in sample)]).tolist()
-    squares = sum(v * v for v in values[len(losses):])  # over samples and parameters
-    rms = math.sqrt(squares / len(norms)) if norms else math.nan
-    return sum(values[:len(losses)]) / len(losses), rms
+    # (steps, runs): a run alone's 0-d losses become a column.
+    values = torch.stack([*losses, *norms]).view(len(losses) + len(norms), -1).T.tolist()
+    out = []
+    for row in values:
+        mean = sum(row[:len(losses)]) / len(losses)
+        squares = sum(v * v for v in row[len(losses):])
+        out.append((mean, math.sqrt(squares / len(norms)) if norms else math.nan))
+    return out
 
 
 def batches(data: Data, device: torch.device, bs: int, num_workers: int, gen: torch.Generator,
@@ -343,6 +348,238 @@ def record_epoch(result: TrainResult, metrics: dict[str, float], schedule: Any,
         tracker.log_epoch(metrics["epoch"], metrics)
 
 
+@dataclass
+class Step:
+    """What an engine's training step gives the loop, one entry per run still training."""
+
+    loss: torch.Tensor                  # (runs,) each run's batch loss on the device (0-d: one)
+    norm: torch.Tensor | None = None    # (runs,) total gradient norms before clipping, if sampled
+    skipped: bool = False               # no update was applied (fp16's scaler saw inf/nan)
+    overflow: bool = False              # the lr is beyond the weights' range: the epoch ends
+
+
+@dataclass
+class Run:
+    """One run's part of the loop: its result, and what it steps, logs and decides each epoch."""
+
+    result: TrainResult
+    optimizer: torch.optim.Optimizer  # its param_groups hold the lrs the run applies
+    schedule: Any                     # sweep.schedules.Schedule
+    divergence_factor: float
+    tracker: Any = None
+    callback: Callback | None = None
+    initial_loss: float | None = None  # its first batch loss, the reference for "diverged"
+
+
+def train_runs(engine: Any, runs: Sequence[Run], t: DictConfig, first_epoch: int = 1,
+               step: int = 0, desc: str = "epochs") -> None:
+    """The one training loop, for one run (`AloneEngine`) or several at once (the fused engine of
+    `sweep.fused`): train, evaluate, step the schedules, log; stop a run that diverges or that its
+    callback stops, while the others train on.
+
+    The engine holds the models, optimizers and data; its `active` lists the runs still training
+    (indices into `runs`, in its order); `batches()` gives an epoch's batches, `step(xb, yb,
+    sample_norm)` one `Step`, `evaluate(train_split)` a dict of metrics per active run,
+    `lrs_changed()` follows schedules that stepped, `end_epoch(epoch, step, runs)` may save a
+    checkpoint, and `keep(rows)` drops the runs that stopped. Every run steps on every batch
+    unless the step is skipped, so `step` (optimizer steps applied) is every active run's.
+    """
+    # Plain values for the loop: a DictConfig lookup costs tens of microseconds, an epoch of the
+    # article's MLP a few milliseconds.
+    norm_every, progress = t.grad_norm_every, t.progress
+    tracked = any(run.tracker is not None for run in runs)
+    log_every = t.log_every_n_steps if tracked else 0
+    train_eval = engine.train_eval
+    group_names = [[g.get("name", "default") for g in run.optimizer.param_groups] for run in runs]
+    if first_epoch == 1:
+        # Epoch 0: the losses at initialisation, the reference for "did not learn" and the cap
+        # comparisons put on a diverged run's loss. It draws no randomness: training is unchanged.
+        for i, initial in zip(engine.active, engine.evaluate(train_eval), strict=True):
+            runs[i].result.initial = initial
+            if runs[i].tracker is not None and train_eval:
+                runs[i].tracker.log_epoch(0, {"train_eval_loss": initial["train_eval_loss"]})
+
+    bar = tqdm(range(first_epoch, t.epochs + 1), desc=desc, disable=not progress,
+               initial=first_epoch - 1, total=t.epochs, dynamic_ncols=True)
+    for epoch in bar:
+        # 2. One pass over the training data.
+        started = time.perf_counter()
+        active = list(engine.active)
+        per_step = [j for j, i in enumerate(active) if runs[i].schedule.interval == "step"]
+        epoch_lrs = [group_lrs(runs[i].optimizer) for i in active]  # the first step's
+        applied = [tuple(g["lr"] for g in runs[i].optimizer.param_groups) for i in active]
+        losses: list[torch.Tensor] = []  # (runs,) a step, on the device: read once, at the end
+        norms: list[torch.Tensor] = []  # sampled steps' total gradient norms, before clipping
+        trace: list[tuple[int, list[tuple[float, ...]]]] = []  # (step, each run's lrs) applied
+        skipped = 0
+        for xb, yb in engine.batches():
+            sample = bool(norm_every) and len(losses) % norm_every == 0
+            out = engine.step(xb, yb, sample)
+            if out.overflow:
+                losses.append(torch.full_like(out.loss, math.inf))
+                break
+            if sample:
+                norms.append(out.norm)
+            if out.skipped:
+                # A skipped step applied no lr, so a per-step schedule does not advance either.
+                skipped += 1
+            else:
+                trace.append((step, applied))
+                step += 1
+                if per_step:
+                    for j in per_step:
+                        runs[active[j]].schedule.scheduler.step()  # always after the update
+                    engine.lrs_changed()
+                    applied = [tuple(g["lr"] for g in runs[i].optimizer.param_groups)
+                               for i in active]
+            losses.append(out.loss)
+            if runs[active[0]].initial_loss is None:
+                for i, first in zip(active, out.loss.view(-1).tolist(), strict=True):
+                    runs[i].initial_loss = first  # the reference for "far above where it started"
+            if log_every and step % log_every == 0:
+                for i, loss in zip(active, out.loss.view(-1).tolist(), strict=True):
+                    if runs[i].tracker is not None:
+                        lrs = {f"step_{k}": v for k, v in group_lrs(runs[i].optimizer).items()}
+                        runs[i].tracker.log_step(step, {"step_loss": loss, **lrs})
+
+        # 3. Evaluate; then each run steps its epoch schedule (plateau on its metric), records,
+        # and may stop.
+        means = epoch_means(losses, norms)  # one host sync an epoch
+        evaluated = engine.evaluate(train_eval)
+        elapsed = time.perf_counter() - started  # an engine of several runs shares it
+        stopping: dict[int, str] = {}
+        for j, i in enumerate(active):
+            run, (train_loss, grad_norm) = runs[i], means[j]
+            result = run.result
+            result.skipped_steps += skipped
+            result.lr_trace += [{"step": k, "epoch": epoch, "group": group, "lr": lr}
+                                for k, lrs in trace
+                                for group, lr in zip(group_names[i], lrs[j], strict=True)]
+            metrics = {"epoch": epoch, "train_loss": train_loss, **evaluated[j], **epoch_lrs[j]}
+            if norms:
+                metrics["grad_norm"] = grad_norm
+            if engine.fp16:
+                metrics["skipped_steps"] = result.skipped_steps
+            metrics["epoch_time"] = elapsed
+            record_epoch(result, metrics, run.schedule, run.tracker)
+            # 4. Stop a run that diverged instead of burning the remaining epochs.
+            if diverged(metrics, run.initial_loss, run.divergence_factor):
+                stopping[i] = "diverged"
+        if progress and len(active) == 1:
+            final, metric = runs[active[0]].result.final, runs[active[0]].result.metric_name
+            bar.set_postfix(train_loss=f"{final['train_loss']:.4g}",
+                            **{metric: f"{final[metric]:.4g}"})
+        engine.end_epoch(epoch, step, [runs[i] for i in active if i not in stopping])
+        for i in active:
+            run = runs[i]
+            if i not in stopping and run.callback is not None and run.callback(
+                    epoch, run.result.final):
+                stopping[i] = "stopped"
+        for i, status in stopping.items():
+            runs[i].result.status = status
+        keep = [j for j, i in enumerate(active) if i not in stopping]
+        if not keep:
+            break
+        if len(keep) < len(active):
+            engine.keep(keep)
+        else:
+            engine.lrs_changed()
+    bar.close()
+
+
+class AloneEngine:
+    """One run: its model, optimizer (with fp16's gradient scaler) and data, batched from device
+    tensors or through a DataLoader; `train`'s engine for `train_runs`."""
+
+    fp16: bool
+    active = (0,)
+
+    def __init__(self, cfg: DictConfig, parts: Setup, schedule: Any,
+                 checkpoint: tuple[Path, dict[str, Any]] | None = None):
+        t = cfg.trainer
+        self.parts, self.schedule, self.checkpoint = parts, schedule, checkpoint
+        self.every = t.checkpoint.every
+        # fp16 needs loss scaling to keep small gradients representable; bf16 has fp32's range.
+        self.scaler = torch.amp.GradScaler(parts.device.type, enabled=parts.amp == torch.float16)
+        # Without fp16 the scaler is a no-op, so the step skips its calls (microseconds a step).
+        self.fp16 = self.scaler.is_enabled()
+        self.params = [p for p in parts.model.parameters() if p.requires_grad]
+        self.autocast = torch.autocast(parts.device.type, dtype=parts.amp) if (
+            parts.amp is not None) else nullcontext()
+        self.batch_size, self.num_workers = t.batch_size, t.num_workers
+        self.clip_mode, self.clip_max = t.clip.mode, t.clip.max
+        # The loss over the whole training split in eval mode, each epoch: on by default where
+        # that split lives on the device (one batched forward pass), a setting for DataLoader-sized
+        # data.
+        self.train_eval = t.train_eval_loss is True or (
+            t.train_eval_loss == "auto" and parts.on_device)
+        self.eval_batch = max(1024, t.batch_size)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        p = self.parts
+        for xb, yb in batches(p.data, p.device, self.batch_size, self.num_workers, p.gen,
+                              p.on_device):
+            if p.data.augment:
+                xb = augment_batch(xb, generator=p.gen, **p.data.augment)
+            yield xb, yb
+
+    def step(self, xb: torch.Tensor, yb: torch.Tensor, sample_norm: bool) -> Step:
+        p, scaler, optimizer = self.parts, self.scaler, self.parts.optimizer
+        with self.autocast:
+            out = p.model(xb)
+            loss = p.loss_fn(out if p.amp is None else out.float(), yb)
+        optimizer.zero_grad(set_to_none=True)
+        if self.fp16:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # clip and measure true gradients, not scaled ones
+        else:
+            loss.backward()
+        norm = torch.linalg.vector_norm(torch.stack(grad_norms(self.params))) if (
+            sample_norm) else None
+        if self.clip_mode == "norm":
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_max)
+        elif self.clip_mode == "value":
+            torch.nn.utils.clip_grad_value_(self.params, self.clip_max)
+        skipped = False
+        try:
+            if self.fp16:
+                scale = scaler.get_scale()
+                scaler.step(optimizer)  # skipped by the scaler when gradients hold inf/nan
+                scaler.update()
+                skipped = scaler.get_scale() < scale
+            else:
+                optimizer.step()
+        except RuntimeError as err:
+            # An lr beyond the weights' float range (1e300 on float32 weights) cannot even be
+            # applied: PyTorch refuses to convert it ("... without overflow"). It is a too-large
+            # lr like lr=50, so it ends the same way: this epoch's loss is infinite and the run
+            # stops as `diverged`. Refusing it at validation instead would miss the lrs a
+            # schedule or a per-group rule scales up past the range.
+            if "without overflow" not in str(err):
+                raise
+            return Step(loss.detach(), norm, overflow=True)
+        return Step(loss.detach(), norm, skipped=skipped)
+
+    def evaluate(self, train_split: bool) -> list[dict[str, float]]:
+        p = self.parts
+        return [evaluate(p.model, p.data, p.loss_fn, p.metric_name, p.device, p.amp,
+                         self.eval_batch, train_split)]
+
+    def lrs_changed(self) -> None:
+        """Nothing to follow: the optimizer reads its own param_groups."""
+
+    def end_epoch(self, epoch: int, step: int, going_on: Sequence[Run]) -> None:
+        """Save the checkpoint every `trainer.checkpoint.every` epochs, unless the run diverged."""
+        if self.checkpoint is not None and going_on and epoch % self.every == 0:
+            path, settings = self.checkpoint
+            run, p = going_on[0], self.parts
+            save_checkpoint(path, p.model, p.optimizer, self.schedule.scheduler, self.scaler,
+                            p.gen, epoch, step, run.initial_loss, run.result, settings)
+
+    def keep(self, rows: Sequence[int]) -> None:
+        raise AssertionError("a run alone never continues without itself")
+
+
 def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None,
           output_dir: str | Path | None = None, parts: Setup | None = None) -> TrainResult:
     """Train one model as the config says and return its result; `tracker` logs to MLflow.
@@ -353,137 +590,25 @@ def train(cfg: DictConfig, callback: Callback | None = None, tracker: Any = None
     validate(cfg)
     t = cfg.trainer
     parts = parts if parts is not None else setup(cfg)
-    device, data, model, optimizer = parts.device, parts.data, parts.model, parts.optimizer
-    loss_fn, metric_name, direction = parts.loss_fn, parts.metric_name, parts.direction
-    amp, on_device, gen = parts.amp, parts.on_device, parts.gen
-    schedule = build_scheduler(cfg.scheduler, optimizer, parts.budget, direction)
-    # fp16 needs loss scaling to keep small gradients representable; bf16 has fp32's range.
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    params = [p for p in model.parameters() if p.requires_grad]
+    schedule = build_scheduler(cfg.scheduler, parts.optimizer, parts.budget, parts.direction)
     out_dir = Path(output_dir) if output_dir is not None else default_output_dir()
     ckpt_path = Path(t.checkpoint.path) if t.checkpoint.path else out_dir / "checkpoint.pt"
-
-    result = TrainResult(status="completed", metric_name=metric_name, direction=direction,
-                         run_id=getattr(tracker, "run_id", None), device=describe_device(device))
-    step, start_epoch, initial_loss = 0, 1, None
-    settings = resume_settings(cfg)  # saved with each checkpoint, compared when resuming
-    # The loss over the whole training split in eval mode, each epoch: on by default where that
-    # split lives on the device (one batched forward pass), a setting for DataLoader-sized data.
-    train_eval = t.train_eval_loss is True or (t.train_eval_loss == "auto" and on_device)
-    eval_batch = max(1024, t.batch_size)
+    # Saved with each checkpoint, compared when resuming.
+    engine = AloneEngine(cfg, parts, schedule,
+                         (ckpt_path, resume_settings(cfg)) if t.checkpoint.every else None)
+    result = TrainResult(status="completed", metric_name=parts.metric_name,
+                         direction=parts.direction, run_id=getattr(tracker, "run_id", None),
+                         device=describe_device(parts.device))
+    run = Run(result, parts.optimizer, schedule, t.divergence_factor, tracker, callback)
+    step, first_epoch = 0, 1
     if t.resume:
-        step, start_epoch, initial_loss = load_checkpoint(
-            read_checkpoint(cfg, parts), model, optimizer, schedule.scheduler, scaler, gen, result)
-    else:
-        # Epoch 0: the losses at initialisation, the reference for "did not learn" and the cap
-        # comparisons put on a diverged run's loss. It draws no randomness: training is unchanged.
-        result.initial = evaluate(model, data, loss_fn, metric_name, device, amp, eval_batch,
-                                  train_eval)
-        if tracker is not None and train_eval:
-            tracker.log_epoch(0, {"train_eval_loss": result.initial["train_eval_loss"]})
+        step, first_epoch, run.initial_loss = load_checkpoint(
+            read_checkpoint(cfg, parts), parts.model, parts.optimizer, schedule.scheduler,
+            engine.scaler, parts.gen, result)
 
-    # Plain values for the loop: a DictConfig lookup costs tens of microseconds, an epoch of the
-    # article's MLP a few milliseconds.
-    batch_size, num_workers, norm_every = t.batch_size, t.num_workers, t.grad_norm_every
-    clip_mode, clip_max, checkpoint_every = t.clip.mode, t.clip.max, t.checkpoint.every
-    progress, divergence_factor = t.progress, t.divergence_factor
-    log_every = t.log_every_n_steps if tracker is not None else 0
-    group_names = [g.get("name", "default") for g in optimizer.param_groups]
-    # Without fp16 the scaler is a no-op, so the loop skips its calls (microseconds a step).
-    per_step, fp16 = schedule.interval == "step", scaler.is_enabled()
-    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    train_runs(engine, [run], t, first_epoch, step)
 
-    bar = tqdm(range(start_epoch, t.epochs + 1), desc="epochs", disable=not progress,
-               initial=start_epoch - 1, total=t.epochs, dynamic_ncols=True)
-    for epoch in bar:
-        # 2. One pass over the training data.
-        started = time.perf_counter()
-        epoch_lrs = group_lrs(optimizer)  # what this epoch's first step applies
-        losses: list[torch.Tensor] = []  # on the device: summed once, at the epoch's end
-        norms: list[Sequence[torch.Tensor]] = []  # sampled steps' gradient norms, before clipping
-        trace: list[tuple[int, tuple[float, ...]]] = []  # (step, each group's lr) applied
-        for xb, yb in batches(data, device, batch_size, num_workers, gen, on_device):
-            if data.augment:
-                xb = augment_batch(xb, generator=gen, **data.augment)
-            with autocast:
-                out = model(xb)
-                loss = loss_fn(out if amp is None else out.float(), yb)
-            optimizer.zero_grad(set_to_none=True)
-            if fp16:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)  # clip and measure true gradients, not scaled ones
-            else:
-                loss.backward()
-            if norm_every and len(losses) % norm_every == 0:
-                norms.append(grad_norms(params))
-            if clip_mode == "norm":
-                torch.nn.utils.clip_grad_norm_(params, clip_max)
-            elif clip_mode == "value":
-                torch.nn.utils.clip_grad_value_(params, clip_max)
-            applied = tuple(g["lr"] for g in optimizer.param_groups)
-            try:
-                if fp16:
-                    scale = scaler.get_scale()
-                    scaler.step(optimizer)  # skipped by the scaler when gradients hold inf/nan
-                    scaler.update()
-                    skipped = scaler.get_scale() < scale
-                else:
-                    optimizer.step()
-                    skipped = False
-            except RuntimeError as err:
-                # An lr beyond the weights' float range (1e300 on float32 weights) cannot even be
-                # applied: PyTorch refuses to convert it ("... without overflow"). It is a
-                # too-large lr like lr=50, so it ends the same way: this epoch's loss is infinite
-                # and the run stops as `diverged` below. Refusing it at validation instead would
-                # miss the lrs a schedule or a per-group rule scales up past the range.
-                if "without overflow" not in str(err):
-                    raise
-                losses.append(torch.full_like(loss.detach(), math.inf))
-                break
-            if skipped:
-                # A skipped step applied no lr, so a per-step schedule does not advance either.
-                result.skipped_steps += 1
-            else:
-                trace.append((step, applied))
-                step += 1
-                if per_step:
-                    schedule.scheduler.step()  # always after optimizer.step()
-            losses.append(loss.detach())
-            if initial_loss is None:
-                initial_loss = loss.item()  # the reference for "far above where it started"
-            if log_every and step % log_every == 0:
-                lrs = {f"step_{k}": v for k, v in group_lrs(optimizer).items()}
-                tracker.log_step(step, {"step_loss": loss.item(), **lrs})
-
-        result.lr_trace += [{"step": k, "epoch": epoch, "group": name, "lr": lr}
-                            for k, lrs in trace for name, lr in zip(group_names, lrs, strict=True)]
-
-        # 3. Evaluate, then step an epoch schedule (plateau schedules get the metric).
-        train_loss, grad_norm = epoch_means(losses, norms)  # one host sync an epoch
-        metrics = {"epoch": epoch, "train_loss": train_loss, **evaluate(
-            model, data, loss_fn, metric_name, device, amp, eval_batch, train_eval), **epoch_lrs}
-        if norms:
-            metrics["grad_norm"] = grad_norm
-        if fp16:
-            metrics["skipped_steps"] = result.skipped_steps
-        metrics["epoch_time"] = time.perf_counter() - started
-        record_epoch(result, metrics, schedule, tracker)
-        if progress:
-            bar.set_postfix(train_loss=f"{train_loss:.4g}",
-                            **{metric_name: f"{metrics[metric_name]:.4g}"})
-
-        # 4. Stop a run that diverged instead of burning the remaining epochs.
-        if diverged(metrics, initial_loss, divergence_factor):
-            result.status = "diverged"
-            break
-        if checkpoint_every and epoch % checkpoint_every == 0:
-            save_checkpoint(ckpt_path, model, optimizer, schedule.scheduler, scaler, gen, epoch,
-                            step, initial_loss, result, settings)
-        if callback is not None and callback(epoch, metrics):
-            result.status = "stopped"
-            break
-    bar.close()
-    settle_status(result, data, loss_fn, train_eval)
-    run_folder.write(out_dir, result, ckpt_path if checkpoint_every and ckpt_path.exists()
+    settle_status(result, parts.data, parts.loss_fn, engine.train_eval)
+    run_folder.write(out_dir, result, ckpt_path if t.checkpoint.every and ckpt_path.exists()
                      else None, getattr(tracker, "name", None))
     return result

@@ -19,8 +19,10 @@ The modules, in reading order:
   Adam/AdamW, RMSprop (momentum, centered) and Adagrad update rules on the stacked weights, each
   member's values read from its own `torch.optim` optimizer, which its own scheduler (the same
   torch class as alone) steps;
-- `loop`: `train_fused(cfgs, callbacks, trackers, output_dirs)` -> one `TrainResult` per config,
-  and `member_parts(cfgs)`, the members' `Setup`s over data loaded once;
+- `loop`: `FusedEngine`, the group's batches, fused step, evaluation and stopped members, which
+  `sweep.train.train_runs` (the one training loop) trains; `train_fused(cfgs, callbacks,
+  trackers, output_dirs)` -> one `TrainResult` per config, and `member_parts(cfgs)`, the
+  members' `Setup`s over data loaded once;
 - `runs`: what commands call: `groups(cfgs, fuse)` plans which runs train together (the `fuse`
   setting; one log line for what cannot), and `train_group` trains one group, fused or alone.
 

@@ -1,10 +1,9 @@
-"""Training members at once: the steps of `sweep.train.train`, each one fused over the members."""
+"""The fused engine: `sweep.train.train_runs` (the one training loop) trains a group's members at
+once through it, each member's step the one `train` takes alone."""
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from sweep import run_folder
 from sweep.config import validate
@@ -25,17 +23,17 @@ from sweep.optim import build_optimizer
 from sweep.schedules import Budget, build_scheduler
 from sweep.train import (
     Callback,
+    Run,
     Setup,
+    Step,
     TrainResult,
     describe_device,
-    diverged,
-    group_lrs,
     loss_and_metric,
     pick_amp,
     pick_device,
-    record_epoch,
     seed_everything,
     settle_status,
+    train_runs,
 )
 
 
@@ -186,6 +184,100 @@ def evaluate(model: StackedModel, split: dict[str, Tensor], loss_name: str, memb
     return out
 
 
+class FusedEngine:
+    """The runs of one `fusable` group as one `StackedModel` with one `FusedOptimizer`: the
+    engine `sweep.train.train_runs` trains them with. Each member keeps its own `torch.optim`
+    optimizer (the view its scheduler steps and its lrs are read from) and its own generator,
+    from which it draws its batch order and augmentation as `train` draws them alone."""
+
+    fp16 = False  # fp16 does not fuse (`groups.why_not`)
+
+    def __init__(self, cfg: DictConfig, parts: Sequence[Setup], schedules: Sequence[Any]):
+        t, first = cfg.trainer, parts[0]
+        self.parts, self.device, self.data = list(parts), first.device, first.data
+        self.loss_name, self.member_losses = member_loss(cfg, first.data)
+        self.metric_name = first.metric_name
+        self.views = [p.optimizer for p in parts]
+        for view in self.views:
+            # Nothing has a gradient, so this changes nothing; it tells the schedulers that
+            # their optimizer has stepped (else PyTorch warns that they step first).
+            view.step()
+        self.model = fuse_models([p.model for p in parts],
+                                 [p.rng or global_rng(self.device) for p in parts], first.amp)
+        names = {id(p): k for k, p in first.model.named_parameters()}
+        self.opt = FusedOptimizer(self.model.flat, self.views, [
+            self.model.columns([names[id(p)] for p in g["params"]])
+            for g in self.views[0].param_groups])
+        # OneCycleLR and CyclicLR may move momentum or betas along with the lr.
+        self.cycles = any(getattr(s.scheduler, "cycle_momentum", False) for s in schedules)
+        self.active = list(range(len(parts)))  # the members still training, in row order
+        self.batch_size, self.clip_mode, self.clip_max = t.batch_size, t.clip.mode, t.clip.max
+        self.eval_batch = eval_rows(first.model, first.data.in_shape, len(parts), t.batch_size)
+        self.train_eval = t.train_eval_loss is True or t.train_eval_loss == "auto"  # on device
+        self.split = stack_data(parts)
+        self.n_train = self.split["x_train"].shape[1]
+        # One member's epoch of samples: gathered at once where the members' copy is small.
+        self.epoch_bytes = sum(self.split[k][0].nbytes for k in ("x_train", "y_train"))
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """(members, batch, ...) batches: each member's samples in its own order, as
+        `tensor_batches` draws it, with its own crops and flips."""
+        split, parts, active = self.split, self.parts, self.active
+        perm = torch.stack([torch.randperm(self.n_train, generator=parts[i].gen)
+                            for i in active]).to(self.device)
+        who = torch.arange(len(active), device=self.device).unsqueeze(1)  # row i: member i's
+        whole = len(active) * self.epoch_bytes <= EPOCH_GATHER_BYTES
+        if whole:
+            x_epoch, y_epoch = split["x_train"][who, perm], split["y_train"][who, perm]
+        augment = self.data.augment  # the same settings for every member (one dataset config)
+        for start in range(0, self.n_train, self.batch_size):
+            if whole:
+                end = start + self.batch_size
+                xb, yb = x_epoch[:, start:end], y_epoch[:, start:end]
+            else:
+                rows = perm[:, start:start + self.batch_size]
+                xb, yb = split["x_train"][who, rows], split["y_train"][who, rows]
+            if augment:
+                xb = torch.stack([augment_batch(xb[j], generator=parts[i].gen, **augment)
+                                  for j, i in enumerate(active)])
+            yield xb, yb
+
+    def step(self, xb: Tensor, yb: Tensor, sample_norm: bool) -> Step:
+        model = self.model
+        loss = self.member_losses(model.forward(xb, training=True), yb)
+        # The sum's gradient in a member's weights is that member's own loss's gradient.
+        grad = model.flat_grads(torch.autograd.grad(loss.sum(), model.params))
+        total = None
+        if sample_norm or self.clip_mode == "norm":
+            total = grad.norm(dim=1)  # each member's norm over all its parameters
+        if self.clip_mode == "norm":  # as clip_grad_norm_: scale by max / (norm + 1e-6), <= 1
+            grad.mul_((self.clip_max / (total + 1e-6)).clamp(max=1.0).unsqueeze(1))
+        elif self.clip_mode == "value":
+            grad.clamp_(-self.clip_max, self.clip_max)
+        self.opt.step(model.flat, grad)
+        return Step(loss.detach(), total if sample_norm else None)
+
+    def evaluate(self, train_split: bool) -> list[dict[str, float]]:
+        return evaluate(self.model, self.split, self.loss_name, self.member_losses,
+                        self.metric_name, self.eval_batch, train_split)
+
+    def lrs_changed(self) -> None:
+        self.opt.refresh(everything=self.cycles)
+
+    def end_epoch(self, epoch: int, step: int, going_on: Sequence[Run]) -> None:
+        """Nothing: fused groups keep no checkpoints (`groups.why_not`)."""
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Only these members (positions in `active`) train on."""
+        index = torch.tensor(list(rows), device=self.device)
+        self.model.keep(index)
+        self.opt.keep(index)
+        # Shared data stays one view (stride 0 over the members); members' own is selected.
+        self.split = {k: v[:len(rows)] if v.stride(0) == 0 else v.index_select(0, index)
+                      for k, v in self.split.items()}
+        self.active = [self.active[j] for j in rows]
+
+
 def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None] | None = None,
                 trackers: Sequence[Any] | None = None,
                 parts: Sequence[Setup] | None = None,
@@ -200,7 +292,6 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
     `output_dirs[i]`: member i's run folder, which gets its metrics.csv and result.json as
     `train` writes them (none written where None).
     """
-    # 1. Check, then build every member as its own run would, and fuse them.
     for cfg in cfgs:
         validate(cfg)
     groups, reasons = fusable(cfgs)
@@ -210,157 +301,26 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
         raise ValueError(f"these configs cannot train fused: {why}")
     n = len(cfgs)
     parts = list(parts) if parts is not None else member_parts(cfgs)
+    if not parts[0].on_device:
+        raise ValueError("fused training batches on the device: the data must be there")
     callbacks = list(callbacks) if callbacks is not None else [None] * n
     trackers = list(trackers) if trackers is not None else [None] * n
-    cfg0, first = cfgs[0], parts[0]
-    t, data, device = cfg0.trainer, first.data, first.device
-    if not first.on_device:
-        raise ValueError("fused training batches on the device: the data must be there")
-    metric_name, direction = first.metric_name, first.direction
-    loss_name, member_losses = member_loss(cfg0, data)
-    views = [p.optimizer for p in parts]
     schedules = [build_scheduler(cfg.scheduler, p.optimizer, p.budget, p.direction)
                  for cfg, p in zip(cfgs, parts, strict=True)]
-    for view in views:
-        # Nothing has a gradient, so this changes nothing; it tells the schedulers that their
-        # optimizer has stepped (else PyTorch warns that they step first).
-        view.step()
-    model = fuse_models([p.model for p in parts],
-                        [p.rng or global_rng(device) for p in parts], first.amp)
-    names = {id(p): k for k, p in first.model.named_parameters()}
-    opt = FusedOptimizer(model.flat, views, [model.columns([names[id(p)] for p in g["params"]])
-                                             for g in views[0].param_groups])
-    # OneCycleLR and CyclicLR may move momentum or betas along with the lr.
-    cycles = any(getattr(s.scheduler, "cycle_momentum", False) for s in schedules)
-    per_step = [i for i, s in enumerate(schedules) if s.interval == "step"]
-    group_names = [[g.get("name", "default") for g in view.param_groups] for view in views]
+    engine = FusedEngine(cfgs[0], parts, schedules)
+    device = f"{describe_device(parts[0].device)}, {n} runs fused"
+    # Each member's seconds are the group's: the device is shared n ways.
+    runs = [Run(TrainResult(status="completed", metric_name=p.metric_name, direction=p.direction,
+                            run_id=getattr(tracker, "run_id", None), device=device, fused=n),
+                p.optimizer, schedule, cfg.trainer.divergence_factor, tracker, callback)
+            for cfg, p, schedule, tracker, callback in zip(cfgs, parts, schedules, trackers,
+                                                           callbacks, strict=True)]
 
-    results = [TrainResult(status="completed", metric_name=metric_name, direction=direction,
-                           run_id=getattr(tracker, "run_id", None),
-                           # Its seconds are the group's: the device is shared n ways.
-                           device=f"{describe_device(device)}, {n} runs fused", fused=n)
-               for tracker in trackers]
-    active = list(range(n))  # the members still training, in the order of the fused rows
-    initial_loss: list[float] = []  # each member's first batch loss, in `cfgs` order
-    step = 0
-    batch_size, norm_every = t.batch_size, t.grad_norm_every
-    eval_batch = eval_rows(first.model, data.in_shape, n, batch_size)
-    divergence_factor = [cfg.trainer.divergence_factor for cfg in cfgs]
-    clip_mode, clip_max = t.clip.mode, t.clip.max
-    log_every = t.log_every_n_steps if any(tr is not None for tr in trackers) else 0
-    split = stack_data(parts)
-    n_train = split["x_train"].shape[1]
-    epoch_bytes = sum(split[k][0].nbytes for k in ("x_train", "y_train"))  # one member's epoch
-    augment = data.augment  # the same settings for every member (one dataset config)
-    # As `train`: the loss over the training split in eval mode, and epoch 0 before any step.
-    train_eval = t.train_eval_loss is True or t.train_eval_loss == "auto"  # data on the device
-    initials = evaluate(model, split, loss_name, member_losses, metric_name, eval_batch,
-                         train_eval)
-    for i, initial in enumerate(initials):
-        results[i].initial = initial
-        if trackers[i] is not None and train_eval:
-            trackers[i].log_epoch(0, {"train_eval_loss": initial["train_eval_loss"]})
+    train_runs(engine, runs, cfgs[0].trainer, desc=f"epochs, {n} fused")
 
-    bar = tqdm(range(1, t.epochs + 1), desc=f"epochs, {n} fused", disable=not t.progress,
-               dynamic_ncols=True)
-    for epoch in bar:
-        # 2. One pass over the training data, each member in its own order.
-        started = time.perf_counter()
-        epoch_lrs = [group_lrs(views[i]) for i in active]
-        applied = [tuple(g["lr"] for g in views[i].param_groups) for i in active]
-        losses: list[Tensor] = []  # (members,) a step, read back once at the epoch's end
-        norms: list[Tensor] = []  # sampled steps' total gradient norms, before clipping
-        trace: list[tuple[int, list[tuple[float, ...]]]] = []  # (step, each member's lrs)
-        # Each member's permutation from its own generator, as `tensor_batches` draws it.
-        perm = torch.stack([torch.randperm(n_train, generator=parts[i].gen)
-                            for i in active]).to(device)
-        who = torch.arange(len(active), device=device).unsqueeze(1)  # row i: member i's samples
-        # The epoch's samples in each member's order, gathered once where that copy is small;
-        # batches are slices of it. Else each batch is gathered on its own.
-        whole = len(active) * epoch_bytes <= EPOCH_GATHER_BYTES
-        if whole:
-            x_epoch, y_epoch = split["x_train"][who, perm], split["y_train"][who, perm]
-        for start in range(0, n_train, batch_size):
-            if whole:
-                xb, yb = x_epoch[:, start:start + batch_size], y_epoch[:, start:start + batch_size]
-            else:
-                rows = perm[:, start:start + batch_size]
-                xb, yb = split["x_train"][who, rows], split["y_train"][who, rows]
-            if augment:  # each member's crops and flips from its own generator, as alone
-                xb = torch.stack([augment_batch(xb[j], generator=parts[i].gen, **augment)
-                                  for j, i in enumerate(active)])
-            loss = member_losses(model.forward(xb, training=True), yb)
-            # The sum's gradient in a member's weights is that member's own loss's gradient.
-            grad = model.flat_grads(torch.autograd.grad(loss.sum(), model.params))
-            sample = norm_every and len(losses) % norm_every == 0
-            if sample or clip_mode == "norm":
-                total = grad.norm(dim=1)  # each member's norm over all its parameters
-                if sample:
-                    norms.append(total)
-            if clip_mode == "norm":  # as clip_grad_norm_: scale by max / (norm + 1e-6), at most 1
-                grad.mul_((clip_max / (total + 1e-6)).clamp(max=1.0).unsqueeze(1))
-            elif clip_mode == "value":
-                grad.clamp_(-clip_max, clip_max)
-            trace.append((step, applied))
-            opt.step(model.flat, grad)
-            step += 1
-            if per_step:
-                for i in per_step:
-                    schedules[i].scheduler.step()
-                opt.refresh(everything=cycles)
-                applied = [tuple(g["lr"] for g in views[i].param_groups) for i in active]
-            losses.append(loss.detach())
-            if not initial_loss:
-                initial_loss = loss.tolist()  # each member's reference for "far above"
-            if log_every and step % log_every == 0:
-                step_losses = loss.tolist()
-                for j, i in enumerate(active):
-                    if trackers[i] is not None:
-                        lrs = {f"step_{k}": v for k, v in group_lrs(views[i]).items()}
-                        trackers[i].log_step(step, {"step_loss": step_losses[j], **lrs})
-
-        # 3. Evaluate; then each member steps its epoch schedule, records, and may stop.
-        step_losses = torch.stack(losses).T.tolist()  # one host sync an epoch
-        sampled = torch.stack(norms).T.tolist() if norms else [[] for _ in active]
-        evaluated = evaluate(model, split, loss_name, member_losses, metric_name, eval_batch,
-                             train_eval)
-        elapsed = time.perf_counter() - started  # the fused epoch's, shared by its members
-        keep = []
-        for j, i in enumerate(active):
-            result, schedule = results[i], schedules[i]
-            result.lr_trace += [{"step": k, "epoch": epoch, "group": group, "lr": lr}
-                                for k, lrs in trace
-                                for group, lr in zip(group_names[i], lrs[j], strict=True)]
-            train_loss = sum(step_losses[j]) / len(step_losses[j])
-            metrics = {"epoch": epoch, "train_loss": train_loss, **evaluated[j], **epoch_lrs[j]}
-            if sampled[j]:
-                metrics["grad_norm"] = math.sqrt(sum(v * v for v in sampled[j]) / len(sampled[j]))
-            metrics["epoch_time"] = elapsed
-            record_epoch(result, metrics, schedule, trackers[i])
-            # 4. A member that diverged, or that its callback stops, leaves the fused rows.
-            if diverged(metrics, initial_loss[i], divergence_factor[i]):
-                result.status = "diverged"
-            elif callbacks[i] is not None and callbacks[i](epoch, metrics):
-                result.status = "stopped"
-            else:
-                keep.append(j)
-        if len(keep) < len(active):
-            if not keep:
-                break
-            rows = torch.tensor(keep, device=device)
-            model.keep(rows)
-            opt.keep(rows)
-            # Shared data stays one view (stride 0 over the members); members' own is selected.
-            split = {k: v[:len(keep)] if v.stride(0) == 0 else v.index_select(0, rows)
-                     for k, v in split.items()}
-            active = [active[j] for j in keep]
-            per_step = [i for i in per_step if i in active]
-        else:
-            opt.refresh(everything=cycles)
-    bar.close()
     out_dirs = list(output_dirs) if output_dirs is not None else [None] * n
-    for result, part, tracker, out_dir in zip(results, parts, trackers, out_dirs, strict=True):
-        settle_status(result, part.data, part.loss_fn, train_eval)
+    for run, part, out_dir in zip(runs, parts, out_dirs, strict=True):
+        settle_status(run.result, part.data, part.loss_fn, engine.train_eval)
         if out_dir is not None:
-            run_folder.write(out_dir, result, None, getattr(tracker, "name", None))
-    return results
+            run_folder.write(out_dir, run.result, None, getattr(run.tracker, "name", None))
+    return [run.result for run in runs]
