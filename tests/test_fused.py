@@ -181,7 +181,12 @@ def test_each_member_logs_to_its_own_mlflow_run(tmp_path, monkeypatch):
     client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("fused")
     trackers = [Tracker(client.create_run(experiment).info.run_id) for _ in range(2)]
-    cfgs = [compose([*REGRESSION, *SGD, f"seed={seed}", "optimizer.lr=0.02"]) for seed in (1, 2)]
+    # Member 1 decays its lr every step: each member's per-step lr is its own.
+    cfgs = [compose([*REGRESSION, *SGD, "seed=1", "optimizer.lr=0.02",
+                     "trainer.log_every_n_steps=5"]),
+            compose([*REGRESSION, *SGD, "seed=2", "optimizer.lr=0.02", "scheduler=exponential",
+                     "scheduler.interval=step", "scheduler.gamma=0.99",
+                     "trainer.log_every_n_steps=5"])]
 
     results = train_fused(cfgs, trackers=trackers)
     for tracker in trackers:
@@ -194,6 +199,15 @@ def test_each_member_logs_to_its_own_mlflow_run(tmp_path, monkeypatch):
             (h["epoch"], h["train_loss"]) for h in result.history]
         first = client.get_metric_history(tracker.run_id, "train_eval_loss")[0]
         assert (first.step, first.value) == (0, result.initial["train_eval_loss"])
+        # Every 5th optimizer step: its loss, and the lr the next step applies.
+        steps = len(result.lr_trace)
+        assert [m.step for m in client.get_metric_history(tracker.run_id, "step_loss")] == list(
+            range(5, steps + 1, 5))
+        lrs = {m.step: m.value for m in client.get_metric_history(tracker.run_id, "step_lr")}
+        following = {r["step"]: r["lr"] for r in result.lr_trace}
+        assert all(lr == pytest.approx(following[k]) for k, lr in lrs.items() if k in following)
+    step_lrs = [client.get_metric_history(t.run_id, "step_lr")[-1].value for t in trackers]
+    assert step_lrs[0] == 0.02 and step_lrs[1] < 0.02
     assert results[0].history[0]["train_loss"] != results[1].history[0]["train_loss"]
 
 
