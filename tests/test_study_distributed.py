@@ -149,6 +149,43 @@ def test_a_sigkill_at_any_moment_loses_nothing_and_trains_nothing_twice(moment, 
     assert all(len(r.runs) == len(SEEDS) for r in summary.rows)
 
 
+def test_a_fused_member_pruned_before_its_group_ends_is_recovered_after_a_kill(tmp_path):
+    # Rounds of 2 trials train fused. In the second, trial 2 (lr 1e-4, far behind the first
+    # round's two after one epoch) is pruned at epoch 1 while trial 3 trains on; the worker is
+    # killed right then. Trial 2's result was in the storage: recovered, not trained again;
+    # trial 3's was not: it runs again.
+    out, tracking_uri = tmp_path / "study", sqlite_store(tmp_path)
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    argv = [*TINY_STUDY, "study.plots=false", "study.heartbeat_interval=1",
+            "study.grace_period=3", "study.schedules=[cosine]", "study.trials=8",
+            "study.prune_after=2", "study.seeds=[1]", "study.name=halfway",
+            f"study.output_dir={out}", f"study.storage={storage}"]
+    out.mkdir()
+    study = optuna.create_study(study_name="halfway/cosine", direction="minimize",
+                                storage=storage)
+    for lr in (0.05, 0.05, 1e-4, 0.05, 0.05, 0.05, 0.05, 0.05):
+        study.enqueue_trial({"optimizer.lr": lr})
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+    killed = sweep_study(argv, tmp_path, {**env, "SWEEP_KILL_AT": "pruned"})
+    output = killed.communicate(timeout=600)[0]
+    assert killed.returncode == -9, output  # it really died there
+
+    again = sweep_study(argv, tmp_path, env)
+    output = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, output
+
+    trials = load(storage, "halfway/cosine").trials
+    recovered = [t for t in trials if "recovered_from" in t.user_attrs]
+    retried = [t for t in trials if "failed_trial" in t.system_attrs]
+    assert [(t.user_attrs["recovered_from"], trial_state(t)) for t in recovered] == [
+        (2, "pruned")]
+    assert [t.system_attrs["failed_trial"] for t in retried] == [3]
+    runs = runs_by_role(tracking_uri, "halfway")
+    killed_runs = [r for r in runs["trial"] if r.info.status == "KILLED"]
+    assert sorted(r.data.tags["state"] for r in killed_runs) == ["interrupted",
+                                                                 "pruned (recovered)"]
+
+
 def test_a_worker_killed_while_another_runs_has_its_trial_rerun_by_the_live_one(tmp_path):
     out, tracking_uri = tmp_path / "study", sqlite_store(tmp_path)
     storage = f"sqlite:///{out / 'optuna.db'}"

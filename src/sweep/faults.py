@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 
-MOMENTS = ("mid_trial", "after_train", "confirm", "summary")
+MOMENTS = ("mid_trial", "pruned", "after_train", "confirm", "summary")
 
 
 def point(moment: str) -> None:

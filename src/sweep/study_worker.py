@@ -236,6 +236,13 @@ class Worker:
                 # None of our pruners stops a trial before warmup_epochs; asking reads the
                 # storage.
                 pruned[k] = epoch >= plan.settings["warmup_epochs"] and trial.should_prune()
+                value = metrics[plan.metric]
+                if pruned[k] and math.isfinite(value):
+                    # Its training ends here, while a fused group's other members train on: its
+                    # result reaches the storage now, so a worker killed before the group ends
+                    # recovers it instead of training it again.
+                    trial.set_user_attr("outcome", {"state": "pruned", "value": value})
+                    faults.point("pruned")
                 return pruned[k]  # stop this member, close its run cleanly, then tell Optuna
             return report
 
