@@ -26,6 +26,7 @@ from sweep.validation import (
     DataError,
     check_in_range,
     check_int_at_least,
+    check_positive_ints,
     fail,
     locate,
 )
@@ -290,9 +291,8 @@ def synthetic_images(n_samples: int = 1000, shape: Sequence[int] = (3, 32, 32),
     not at hand, and for tests: a model can learn it, but not at once."""
     check_int_at_least("dataset.n_samples", n_samples, 2)
     check_int_at_least("dataset.n_classes", n_classes, 2)
-    if (isinstance(shape, str | bytes) or not isinstance(shape, Sequence) or len(shape) != 3
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
-        fail("dataset.shape", shape, "three integers >= 1: [channels, height, width]")
+    check_positive_ints("dataset.shape", shape, "three integers >= 1: [channels, height, width]",
+                        length=3)
     check_in_range("dataset.signal", signal, 0, math.inf, low_open=False)
     _check_split(val_fraction)
     in_shape = tuple(shape)
@@ -304,7 +304,6 @@ def synthetic_images(n_samples: int = 1000, shape: Sequence[int] = (3, 32, 32),
     x = signal * patterns[y] + torch.randn(n_samples, *in_shape, generator=g)
     return Data(*_split(x, y, val_fraction, g), task="classification", in_shape=in_shape,
                 num_outputs=n_classes, name="synthetic_images", augment=augment)
-
 
 
 @task("classification")

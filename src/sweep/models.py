@@ -9,7 +9,13 @@ import torch.nn as nn
 from torchvision import models as tv_models
 
 from sweep.data import Data, arguments_checked, check_arguments, instantiate_checked
-from sweep.validation import check_choice, check_in_range, check_int_at_least, fail
+from sweep.validation import (
+    check_choice,
+    check_in_range,
+    check_int_at_least,
+    check_positive_ints,
+    fail,
+)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh,
@@ -39,9 +45,7 @@ def validate_model(cfg_model: Mapping) -> None:
 
 
 def _widths(key: str, value: object, what: str) -> None:
-    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value or not all(
-            isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in value):
-        fail(key, value, f"a non-empty list of integer {what} >= 1")
+    check_positive_ints(key, value, f"a non-empty list of integer {what} >= 1")
 
 
 def _flag(key: str, value: object) -> None:

@@ -100,12 +100,18 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
 
 
+def loss_name(trainer: DictConfig, task: str) -> str:
+    """`trainer.loss`, with `auto` the task's own: cross_entropy for classification, else mse."""
+    if trainer.loss != "auto":
+        return trainer.loss
+    return "cross_entropy" if task == "classification" else "mse"
+
+
 def loss_and_metric(cfg: DictConfig, task: str, dataset: str) -> tuple[Callable, str, str]:
     """The loss that fits the task, and the metric a sweep optimises (`data.task`, or the task the
     dataset declares: a study learns its metric without loading the data)."""
     t = cfg.trainer
-    name = t.loss if t.loss != "auto" else (
-        "cross_entropy" if task == "classification" else "mse")
+    name = loss_name(t, task)
     if (name == "cross_entropy") != (task == "classification"):
         fail("trainer.loss", name, f"does not fit the {task} dataset {dataset!r}; use "
              + ("cross_entropy" if task == "classification" else "mse or huber"))

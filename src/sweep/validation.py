@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 
@@ -57,6 +57,14 @@ def check_finite(key: str, value: Any, low: float = 0.0, *, low_open: bool = Fal
 def check_int_at_least(key: str, value: Any, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         fail(key, value, f"must be an integer >= {low}")
+
+
+def check_positive_ints(key: str, value: Any, allowed: str, length: int | None = None) -> None:
+    """A non-empty list of integers >= 1 (of `length` items, if given); `allowed` says what."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence) or not value or (
+            length is not None and len(value) != length) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+        fail(key, value, allowed)
 
 
 def check_in_range(key: str, value: Any, low: float, high: float, *, low_open: bool = True,

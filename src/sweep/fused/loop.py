@@ -29,6 +29,7 @@ from sweep.train import (
     TrainResult,
     describe_device,
     loss_and_metric,
+    loss_name,
     pick_amp,
     pick_device,
     seed_everything,
@@ -131,8 +132,7 @@ def member_loss(cfg: DictConfig, data: Data) -> tuple[str, Callable[[Tensor, Ten
     """The loss `loss_and_metric` picks, as a function of (members, batch, outputs) outputs and
     targets giving each member's mean over its batch: (members,)."""
     t = cfg.trainer
-    name = t.loss if t.loss != "auto" else (
-        "cross_entropy" if data.task == "classification" else "mse")
+    name = loss_name(t, data.task)
     # Plain values: a DictConfig lookup a step costs more than the step's arithmetic.
     smoothing, delta = float(t.label_smoothing), float(t.huber_delta)
     if name == "cross_entropy":

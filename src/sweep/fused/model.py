@@ -46,6 +46,31 @@ def fuse_models(models: Sequence[nn.Module], generators: Sequence[torch.Generato
     return TreeFusedModel(models, amp)
 
 
+def grouped_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, conv: tuple) -> Tensor:
+    """Every member's Conv2d as one convolution over their channels side by side: `weight`
+    (members, out, in, k, k), `bias` (members, out), `conv` the layer's (stride, padding,
+    dilation)."""
+    return F.conv2d(x, weight.reshape(-1, *weight.shape[2:]),
+                    None if bias is None else bias.reshape(-1), *conv, groups=len(weight))
+
+
+def wide_batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor,
+                    var: Tensor, training: bool, momentum: float, eps: float) -> Tensor:
+    """Every member's BatchNorm as one over their channels side by side (batch, members x C,
+    ...): each channel's statistics are one member's, exactly what its own BatchNorm computes.
+    `mean` and `var` (members, C) are updated in place in training."""
+    return F.batch_norm(x, mean.view(-1), var.view(-1),
+                        None if weight is None else weight.reshape(-1),
+                        None if bias is None else bias.reshape(-1), training, momentum, eps)
+
+
+def check_conv(conv: nn.Conv2d, where: str) -> tuple:
+    """The layer's (stride, padding, dilation), for a Conv2d fusion takes."""
+    if conv.groups != 1 or conv.padding_mode != "zeros":
+        raise ValueError(f"fusion takes ungrouped, zero-padded Conv2d layers ({where})")
+    return conv.stride, conv.padding, conv.dilation
+
+
 class StackedModel:
     """What both engines share. All of a member's parameters are one row of `flat`
     (members, numel), in the order of its `named_parameters()`; `params` are views of it shaped
@@ -143,7 +168,7 @@ class LayerFusedModel(StackedModel):
                     m.bias.unsqueeze(0) for m in same)
                 self.layers.append(("linear", weight, bias))
             elif isinstance(module, nn.Conv2d):
-                self.layers.append(self._conv(module, same))
+                self.layers.append(self._conv(module, same, index))
             elif isinstance(module, nn.BatchNorm1d):
                 self.layers.append(self._batch_norm(module, same))
             elif isinstance(module, (*ELEMENTWISE, *PER_CHANNEL)):
@@ -162,12 +187,11 @@ class LayerFusedModel(StackedModel):
         self.params.append(torch.stack([t.detach() for t in tensors]))
         return len(self.params) - 1
 
-    def _conv(self, module: nn.Conv2d, same: list[nn.Conv2d]) -> tuple:
-        if module.groups != 1 or module.padding_mode != "zeros":
-            raise ValueError("fusion takes ungrouped, zero-padded Conv2d layers")
+    def _conv(self, module: nn.Conv2d, same: list[nn.Conv2d], index: int) -> tuple:
+        conv = check_conv(module, f"layer {index}")
         weight = self._stack(m.weight for m in same)
         bias = None if module.bias is None else self._stack(m.bias for m in same)
-        return ("conv", weight, bias, module.stride, module.padding, module.dilation)
+        return ("conv", weight, bias, conv)
 
     def _batch_norm(self, module: nn.BatchNorm1d, same: list[nn.BatchNorm1d]) -> tuple:
         if not module.track_running_stats or module.momentum is None:
@@ -194,10 +218,8 @@ class LayerFusedModel(StackedModel):
             elif kind == "module":
                 x = layer[1](x)
             elif kind == "conv":
-                _, w, b, stride, padding, dilation = layer
-                weight = p[w].reshape(-1, *p[w].shape[2:])  # (members x out, in, k, k)
-                bias = None if b is None else p[b].reshape(-1)
-                x = F.conv2d(x, weight, bias, stride, padding, dilation, groups=members)
+                _, w, b, conv = layer
+                x = grouped_conv2d(x, p[w], None if b is None else p[b], conv)
             elif kind == "flatten":
                 if images:  # back to vectors: each member's channels flattened as it does alone
                     x = x.reshape(batch, members, -1).transpose(0, 1)
@@ -228,10 +250,10 @@ class LayerFusedModel(StackedModel):
         # one member's feature over the batch, exactly what its own BatchNorm1d computes.
         _, w, b, s, momentum, eps = layer
         members, batch, h = x.shape
-        weight = None if w is None else self.params[w].reshape(-1)
-        bias = None if b is None else self.params[b].reshape(-1)
-        out = F.batch_norm(x.transpose(0, 1).reshape(batch, members * h), self.stats[s].view(-1),
-                           self.stats[s + 1].view(-1), weight, bias, training, momentum, eps)
+        p = self.params
+        out = wide_batch_norm(x.transpose(0, 1).reshape(batch, members * h),
+                              None if w is None else p[w], None if b is None else p[b],
+                              self.stats[s], self.stats[s + 1], training, momentum, eps)
         return out.view(batch, members, h).transpose(0, 1)
 
 
@@ -260,9 +282,7 @@ class TreeFusedModel(StackedModel):
             same = [modules[name] for modules in own]
             weight, bias = index.get(f"{name}.weight"), index.get(f"{name}.bias")
             if isinstance(module, nn.Conv2d):
-                if module.groups != 1 or module.padding_mode != "zeros":
-                    raise ValueError(f"fusion takes ungrouped, zero-padded Conv2d layers ({name})")
-                fused = _GroupedConv2d(self, weight, bias, module)
+                fused = _GroupedConv2d(self, weight, bias, check_conv(module, name))
             elif isinstance(module, nn.BatchNorm2d):
                 if not module.track_running_stats or module.momentum is None or not module.affine:
                     raise ValueError(f"fusion needs affine BatchNorm2d with running statistics "
@@ -296,17 +316,14 @@ class TreeFusedModel(StackedModel):
 
 
 class _GroupedConv2d(nn.Module):
-    def __init__(self, model: StackedModel, weight: int, bias: int | None, conv: nn.Conv2d):
+    def __init__(self, model: StackedModel, weight: int, bias: int | None, conv: tuple):
         super().__init__()
-        self.model, self.weight, self.bias = model, weight, bias
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.model, self.weight, self.bias, self.conv = model, weight, bias, conv
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.model.params
-        members = len(p[self.weight])
-        weight = p[self.weight].reshape(-1, *p[self.weight].shape[2:])  # (members x out, in, k, k)
-        bias = None if self.bias is None else p[self.bias].reshape(-1)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, groups=members)
+        return grouped_conv2d(x, p[self.weight], None if self.bias is None else p[self.bias],
+                              self.conv)
 
 
 class _WideBatchNorm2d(nn.Module):
@@ -318,9 +335,8 @@ class _WideBatchNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         p, s = self.model.params, self.model.stats
-        return F.batch_norm(x, s[self.stats].view(-1), s[self.stats + 1].view(-1),
-                            p[self.weight].reshape(-1), p[self.bias].reshape(-1), self.training,
-                            self.momentum, self.eps)
+        return wide_batch_norm(x, p[self.weight], p[self.bias], s[self.stats], s[self.stats + 1],
+                               self.training, self.momentum, self.eps)
 
 
 class _BatchedLinear(nn.Module):
