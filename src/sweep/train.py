@@ -360,7 +360,7 @@ class Step:
 
     loss: torch.Tensor                  # (runs,) each run's batch loss on the device (0-d: one)
     norm: torch.Tensor | None = None    # (runs,) total gradient norms before clipping, if sampled
-    skipped: bool = False               # no update was applied (fp16's scaler saw inf/nan)
+    skipped: list[bool] | None = None   # per run: no update applied (fp16's scaler saw inf/nan)
     overflow: bool = False              # the lr is beyond the weights' range: the epoch ends
 
 
@@ -386,9 +386,10 @@ def train_runs(engine: Any, runs: Sequence[Run], t: DictConfig, first_epoch: int
     The engine holds the models, optimizers and data; its `active` lists the runs still training
     (indices into `runs`, in its order); `batches()` gives an epoch's batches, `step(xb, yb,
     sample_norm)` one `Step`, `evaluate(train_split)` a dict of metrics per active run,
-    `lrs_changed()` follows schedules that stepped, `end_epoch(epoch, step, runs)` may save a
-    checkpoint, and `keep(rows)` drops the runs that stopped. Every run steps on every batch
-    unless the step is skipped, so `step` (optimizer steps applied) is every active run's.
+    `lrs_changed()` follows schedules that stepped, `end_epoch(epoch, steps, runs)` may save a
+    checkpoint, and `keep(rows)` drops the runs that stopped. `step`: the optimizer steps every
+    run applied before (a resumed run's); from there each run counts its own, as fp16's loss
+    scaler may skip a step for some runs only.
     """
     # Plain values for the loop: a DictConfig lookup costs tens of microseconds, an epoch of the
     # article's MLP a few milliseconds.
@@ -397,6 +398,8 @@ def train_runs(engine: Any, runs: Sequence[Run], t: DictConfig, first_epoch: int
     log_every = t.log_every_n_steps if tracked else 0
     train_eval = engine.train_eval
     group_names = [[g.get("name", "default") for g in run.optimizer.param_groups] for run in runs]
+    # A run's own step is the loop's `step` (batches stepped) less the steps its scaler skipped.
+    skipped_here = [0] * len(runs)
     if first_epoch == 1:
         # Epoch 0: the losses at initialisation, the reference for "did not learn" and the cap
         # comparisons put on a diverged run's loss. It draws no randomness: training is unchanged.
@@ -414,10 +417,11 @@ def train_runs(engine: Any, runs: Sequence[Run], t: DictConfig, first_epoch: int
         per_step = [j for j, i in enumerate(active) if runs[i].schedule.interval == "step"]
         epoch_lrs = [group_lrs(runs[i].optimizer) for i in active]  # the first step's
         applied = [tuple(g["lr"] for g in runs[i].optimizer.param_groups) for i in active]
+        epoch_step, epoch_skipped = step, [skipped_here[i] for i in active]
         losses: list[torch.Tensor] = []  # (runs,) a step, on the device: read once, at the end
         norms: list[torch.Tensor] = []  # sampled steps' total gradient norms, before clipping
-        trace: list[tuple[int, list[tuple[float, ...]]]] = []  # (step, each run's lrs) applied
-        skipped = 0
+        # Each step's lrs as each run applied them, and which runs skipped it (None: none did).
+        trace: list[tuple[list[tuple[float, ...]], list[bool] | None]] = []
         for xb, yb in engine.batches():
             sample = bool(norm_every) and len(losses) % norm_every == 0
             out = engine.step(xb, yb, sample)
@@ -426,27 +430,32 @@ def train_runs(engine: Any, runs: Sequence[Run], t: DictConfig, first_epoch: int
                 break
             if sample:
                 norms.append(out.norm)
-            if out.skipped:
+            skipped = out.skipped
+            trace.append((applied, skipped))
+            step += 1
+            if skipped is not None:
+                for j, i in enumerate(active):
+                    skipped_here[i] += skipped[j]
+            if per_step:
                 # A skipped step applied no lr, so a per-step schedule does not advance either.
-                skipped += 1
-            else:
-                trace.append((step, applied))
-                step += 1
-                if per_step:
-                    for j in per_step:
+                for j in per_step:
+                    if skipped is None or not skipped[j]:
                         runs[active[j]].schedule.scheduler.step()  # always after the update
-                    engine.lrs_changed()
-                    applied = [tuple(g["lr"] for g in runs[i].optimizer.param_groups)
-                               for i in active]
+                engine.lrs_changed()
+                applied = [tuple(g["lr"] for g in runs[i].optimizer.param_groups)
+                           for i in active]
             losses.append(out.loss)
             if runs[active[0]].initial_loss is None:
                 for i, first in zip(active, out.loss.view(-1).tolist(), strict=True):
                     runs[i].initial_loss = first  # the reference for "far above where it started"
-            if log_every and step % log_every == 0:
-                for i, loss in zip(active, out.loss.view(-1).tolist(), strict=True):
-                    if runs[i].tracker is not None:
+            if log_every and (engine.fp16 or step % log_every == 0):
+                for j, (i, loss) in enumerate(zip(active, out.loss.view(-1).tolist(),
+                                                  strict=True)):
+                    own = step - skipped_here[i]
+                    if runs[i].tracker is not None and own % log_every == 0 and (
+                            skipped is None or not skipped[j]):
                         lrs = {f"step_{k}": v for k, v in group_lrs(runs[i].optimizer).items()}
-                        runs[i].tracker.log_step(step, {"step_loss": loss, **lrs})
+                        runs[i].tracker.log_step(own, {"step_loss": loss, **lrs})
 
         # 3. Evaluate; then each run steps its epoch schedule (plateau on its metric), records,
         # and may stop.
@@ -457,10 +466,12 @@ def train_runs(engine: Any, runs: Sequence[Run], t: DictConfig, first_epoch: int
         for j, i in enumerate(active):
             run, (train_loss, grad_norm) = runs[i], means[j]
             result = run.result
-            result.skipped_steps += skipped
-            result.lr_trace += [{"step": k, "epoch": epoch, "group": group, "lr": lr}
-                                for k, lrs in trace
-                                for group, lr in zip(group_names[i], lrs[j], strict=True)]
+            result.skipped_steps += skipped_here[i] - epoch_skipped[j]
+            own = [lrs[j] for lrs, skipped in trace if skipped is None or not skipped[j]]
+            first = epoch_step - epoch_skipped[j]
+            result.lr_trace += [{"step": first + k, "epoch": epoch, "group": group, "lr": lr}
+                                for k, lrs in enumerate(own)
+                                for group, lr in zip(group_names[i], lrs, strict=True)]
             metrics = {"epoch": epoch, "train_loss": train_loss, **evaluated[j], **epoch_lrs[j]}
             if norms:
                 metrics["grad_norm"] = grad_norm
@@ -475,7 +486,9 @@ def train_runs(engine: Any, runs: Sequence[Run], t: DictConfig, first_epoch: int
             final, metric = runs[active[0]].result.final, runs[active[0]].result.metric_name
             bar.set_postfix(train_loss=f"{final['train_loss']:.4g}",
                             **{metric: f"{final[metric]:.4g}"})
-        engine.end_epoch(epoch, step, [runs[i] for i in active if i not in stopping])
+        going_on = [i for i in active if i not in stopping]
+        engine.end_epoch(epoch, [step - skipped_here[i] for i in going_on],
+                         [runs[i] for i in going_on])
         for i in active:
             run = runs[i]
             if i not in stopping and run.callback is not None and run.callback(
@@ -546,13 +559,14 @@ class AloneEngine:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_max)
         elif self.clip_mode == "value":
             torch.nn.utils.clip_grad_value_(self.params, self.clip_max)
-        skipped = False
+        skipped = None
         try:
             if self.fp16:
                 scale = scaler.get_scale()
                 scaler.step(optimizer)  # skipped by the scaler when gradients hold inf/nan
                 scaler.update()
-                skipped = scaler.get_scale() < scale
+                if scaler.get_scale() < scale:
+                    skipped = [True]
             else:
                 optimizer.step()
         except RuntimeError as err:
@@ -574,13 +588,13 @@ class AloneEngine:
     def lrs_changed(self) -> None:
         """Nothing to follow: the optimizer reads its own param_groups."""
 
-    def end_epoch(self, epoch: int, step: int, going_on: Sequence[Run]) -> None:
+    def end_epoch(self, epoch: int, steps: Sequence[int], going_on: Sequence[Run]) -> None:
         """Save the checkpoint every `trainer.checkpoint.every` epochs, unless the run diverged."""
         if self.checkpoint is not None and going_on and epoch % self.every == 0:
             path, settings = self.checkpoint
             run, p = going_on[0], self.parts
             save_checkpoint(path, p.model, p.optimizer, self.schedule.scheduler, self.scaler,
-                            p.gen, epoch, step, run.initial_loss, run.result, settings)
+                            p.gen, epoch, steps[0], run.initial_loss, run.result, settings)
 
     def keep(self, rows: Sequence[int]) -> None:
         raise AssertionError("a run alone never continues without itself")

@@ -45,7 +45,11 @@ For ResNet-18 on a GPU the same holds (`docs/benchmarks.md`: a training step of 
 vmapped, 22-24 ms fused by hand); on a CPU fused ResNets train slower than alone, so `fuse=auto`
 trains them alone there.
 
-Not yet: fp16, checkpoints; `fusable` gives those configs a reason, and callers train them alone
+Under fp16 each member has its own loss scale (`optim.LossScales`, its run alone's
+`GradScaler` arithmetic on a row of scales): a member whose gradients overflow skips its step,
+its schedule holds, and the others step.
+
+Not yet: checkpoints; `fusable` gives those configs a reason, and callers train them alone
 (`runs.groups` says so in one log line).
 """
 

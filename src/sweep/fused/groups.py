@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sweep.train import pick_amp, pick_device
+from sweep.train import pick_device
 
 # Fused layer by layer (`LayerFusedModel`), and by module surgery (`TreeFusedModel`, only for
 # trees known to mix no channels but through the layers it swaps).
@@ -58,9 +57,6 @@ def why_not(cfg: DictConfig) -> str | None:
     for flag in ("amsgrad", "maximize"):
         if opt.get(flag):
             return f"optimizer.{flag}=true does not fuse yet"
-    if pick_amp(t.amp, pick_device(t.device)) == torch.float16:
-        return (f"trainer.amp={t.amp} (fp16) does not fuse yet: it needs a loss scaler per member "
-                "(bf16 and off fuse)")
     if t.resume is not None or t.checkpoint.every:
         return "checkpoints (trainer.resume, trainer.checkpoint.every) do not fuse"
     return None

@@ -17,7 +17,7 @@ from sweep.config import validate
 from sweep.data import Data, augment_batch, dataset_key, load_data
 from sweep.fused.groups import fusable
 from sweep.fused.model import StackedModel, fuse_models
-from sweep.fused.optim import FusedOptimizer
+from sweep.fused.optim import FusedOptimizer, LossScales
 from sweep.models import build_model
 from sweep.optim import build_optimizer
 from sweep.schedules import Budget, build_scheduler
@@ -190,8 +190,6 @@ class FusedEngine:
     optimizer (the view its scheduler steps and its lrs are read from) and its own generator,
     from which it draws its batch order and augmentation as `train` draws them alone."""
 
-    fp16 = False  # fp16 does not fuse (`groups.why_not`)
-
     def __init__(self, cfg: DictConfig, parts: Sequence[Setup], schedules: Sequence[Any]):
         t, first = cfg.trainer, parts[0]
         self.parts, self.device, self.data = list(parts), first.device, first.data
@@ -204,6 +202,9 @@ class FusedEngine:
             view.step()
         self.model = fuse_models([p.model for p in parts],
                                  [p.rng or global_rng(self.device) for p in parts], first.amp)
+        # fp16 keeps small gradients representable by loss scaling, each member its own scale.
+        self.fp16 = first.amp == torch.float16
+        self.scales = LossScales(len(parts), self.device) if self.fp16 else None
         names = {id(p): k for k, p in first.model.named_parameters()}
         self.opt = FusedOptimizer(self.model.flat, self.views, [
             self.model.columns([names[id(p)] for p in g["params"]])
@@ -243,10 +244,12 @@ class FusedEngine:
             yield xb, yb
 
     def step(self, xb: Tensor, yb: Tensor, sample_norm: bool) -> Step:
-        model = self.model
+        model, scales = self.model, self.scales
         loss = self.member_losses(model.forward(xb, training=True), yb)
         # The sum's gradient in a member's weights is that member's own loss's gradient.
-        grad = model.flat_grads(torch.autograd.grad(loss.sum(), model.params))
+        total = loss.sum() if scales is None else scales.scaled(loss)
+        grad = model.flat_grads(torch.autograd.grad(total, model.params))
+        found_inf = None if scales is None else scales.unscale_(grad)  # true gradients
         total = None
         if sample_norm or self.clip_mode == "norm":
             total = grad.norm(dim=1)  # each member's norm over all its parameters
@@ -254,8 +257,14 @@ class FusedEngine:
             grad.mul_((self.clip_max / (total + 1e-6)).clamp(max=1.0).unsqueeze(1))
         elif self.clip_mode == "value":
             grad.clamp_(-self.clip_max, self.clip_max)
-        self.opt.step(model.flat, grad)
-        return Step(loss.detach(), total if sample_norm else None)
+        skipped = None
+        if found_inf is not None:
+            scales.update(found_inf)
+            skipped = found_inf.tolist()  # one host sync a step, as `GradScaler.step` alone
+            if not any(skipped):
+                skipped = None
+        self.opt.step(model.flat, grad, None if skipped is None else ~found_inf.unsqueeze(1))
+        return Step(loss.detach(), total if sample_norm else None, skipped)
 
     def evaluate(self, train_split: bool) -> list[dict[str, float]]:
         return evaluate(self.model, self.split, self.loss_name, self.member_losses,
@@ -264,7 +273,7 @@ class FusedEngine:
     def lrs_changed(self) -> None:
         self.opt.refresh(everything=self.cycles)
 
-    def end_epoch(self, epoch: int, step: int, going_on: Sequence[Run]) -> None:
+    def end_epoch(self, epoch: int, steps: Sequence[int], going_on: Sequence[Run]) -> None:
         """Nothing: fused groups keep no checkpoints (`groups.why_not`)."""
 
     def keep(self, rows: Sequence[int]) -> None:
@@ -272,6 +281,8 @@ class FusedEngine:
         index = torch.tensor(list(rows), device=self.device)
         self.model.keep(index)
         self.opt.keep(index)
+        if self.scales is not None:
+            self.scales.keep(index)
         # Shared data stays one view (stride 0 over the members); members' own is selected.
         self.split = {k: v[:len(rows)] if v.stride(0) == 0 else v.index_select(0, index)
                       for k, v in self.split.items()}

@@ -84,7 +84,7 @@ class StackedModel:
     stats: list[Tensor]
     flat: Tensor
     generators: list[torch.Generator] | None = None
-    amp: torch.dtype | None = None  # bf16 autocast, as `train` runs a model alone with amp=bf16
+    amp: torch.dtype | None = None  # autocast (bf16 or fp16), as `train` runs a model alone
 
     def _stack_params(self, stacked: Sequence[Tensor]) -> None:
         self.shapes = [p.shape[1:] for p in stacked]
@@ -150,7 +150,7 @@ class LayerFusedModel(StackedModel):
                  generators: Sequence[torch.Generator] | None = None,
                  amp: torch.dtype | None = None):
         first = models[0]
-        self.amp = amp  # bf16 autocast, as `train` runs a model alone with trainer.amp=bf16
+        self.amp = amp  # autocast (bf16 or fp16), as `train` runs a model alone
         self.names = [name for name, _ in first.named_parameters()]
         self.params: list[Tensor] = []
         self.stats: list[Tensor] = []  # BatchNorm running means and variances, (members, h) each

@@ -35,7 +35,9 @@ class FusedOptimizer:
                  columns: Sequence[Sequence[range]]):
         self.rule = RULES[type(views[0])]
         self.views = list(views)
-        self.steps = 0  # every member steps together, so one count is every member's
+        # Each member's steps applied: fp16's loss scaler may skip a step for some members only.
+        self.steps = torch.zeros(len(views), 1, dtype=torch.float64, device=flat.device)
+        self.started = False  # every member has applied its first step
         self.state: dict[str, Tensor] = {}
         numel = flat.shape[1]
         group = torch.full((numel,), -1, dtype=torch.long)
@@ -110,13 +112,38 @@ class FusedOptimizer:
     def _some(self, values: Tensor) -> Tensor | None:
         return self._cast(values) if bool(values.any()) else None
 
-    def step(self, flat: Tensor, grad: Tensor) -> None:
-        """One update of every member's row of `flat` in place; `grad` is its gradient."""
-        self.steps += 1
+    def step(self, flat: Tensor, grad: Tensor, applied: Tensor | None = None) -> None:
+        """One update of every member's row of `flat` in place; `grad` is its gradient.
+
+        `applied` (members, 1) bool: only those members step (fp16's scaler skips the others, as
+        `GradScaler.step` skips a run alone's `optimizer.step`): their rows, state and step
+        counts are left as they were.
+        """
         with torch.no_grad():
-            if self.c["weight_decay"] is not None:  # coupled: grad + weight_decay * param
-                grad = grad.add(flat * self.c["weight_decay"])
-            getattr(self, f"_{self.rule}")(flat, grad, self.c)
+            if applied is None:
+                self.steps += 1
+                self._update(flat, grad)
+            else:
+                self.steps += applied
+                before = {key: value.clone() for key, value in self.state.items()}
+                was = flat.clone()
+                self._update(flat, grad)
+                flat.copy_(torch.where(applied, flat, was))
+                for key, value in self.state.items():
+                    value.copy_(torch.where(applied, value, before.get(key, self._initial(key))))
+            if not self.started:
+                self.started = bool((self.steps > 0).all())
+
+    def _update(self, flat: Tensor, grad: Tensor) -> None:
+        if self.c["weight_decay"] is not None:  # coupled: grad + weight_decay * param
+            grad = grad.add(flat * self.c["weight_decay"])
+        getattr(self, f"_{self.rule}")(flat, grad, self.c)
+
+    def _initial(self, key: str) -> Tensor:
+        """A state's value before a member's first step (a state the skipped step created)."""
+        if key == "sum":
+            return self.c["initial_accumulator_value"]
+        return torch.zeros((), dtype=self.dtype, device=self.device)
 
     def _zeros(self, key: str, like: Tensor) -> Tensor:
         if key not in self.state:
@@ -131,6 +158,8 @@ class FusedOptimizer:
                 buf = self.state["momentum_buffer"] = grad.clone()
             else:
                 buf.mul_(m).add_(grad * c["dampening"])
+                if not self.started:  # members whose first step was skipped take it now
+                    buf.copy_(torch.where(self.steps == 1, grad, buf))
             d = buf if c["nesterov"] is None else torch.where(c["nesterov"], grad.add(buf * m),
                                                                buf)
             grad = d if c["momentum_rows"] is None else torch.where(c["momentum_rows"], d, grad)
@@ -180,5 +209,45 @@ class FusedOptimizer:
         """Keep only these members' rows, state and views (`rows` index the current members)."""
         for key, value in self.state.items():
             self.state[key] = value.index_select(0, rows)
+        self.steps = self.steps.index_select(0, rows)
         self.views = [self.views[i] for i in rows.tolist()]
         self.refresh(everything=True)
+
+
+class LossScales:
+    """fp16's loss scaling with a scale per member: each member's the `torch.amp.GradScaler` of
+    its run alone, the same arithmetic on a (members,) tensor. A member whose gradients overflow
+    skips its step and halves its scale; the others step."""
+
+    def __init__(self, members: int, device: torch.device):
+        defaults = torch.amp.GradScaler(device.type)  # a run alone's settings, read once
+        self.growth, self.backoff = defaults.get_growth_factor(), defaults.get_backoff_factor()
+        self.interval = defaults.get_growth_interval()
+        self.scale = torch.full((members,), defaults.get_scale(), dtype=torch.float32,
+                                device=device)
+        self.tracker = torch.zeros(members, dtype=torch.int32, device=device)
+
+    def scaled(self, losses: Tensor) -> Tensor:
+        """The sum to differentiate: each member's loss times its own scale."""
+        return (losses * self.scale).sum()
+
+    def unscale_(self, grad: Tensor) -> Tensor:
+        """Divide each member's row of gradients by its scale in place (`GradScaler.unscale_`'s
+        float32 reciprocal); return which members' gradients hold inf or nan, (members,)."""
+        grad.mul_(self.scale.double().reciprocal().float().unsqueeze(1))
+        return ~torch.isfinite(grad).all(1)
+
+    def update(self, found_inf: Tensor) -> None:
+        """`GradScaler.update`, each member on its own: back off after an overflow, grow after
+        `growth_interval` clean steps in a row."""
+        tracker = torch.where(found_inf, 0, self.tracker + 1)
+        grow = tracker == self.interval
+        grown = self.scale * self.growth
+        grown = torch.where(torch.isfinite(grown), grown, self.scale)
+        self.scale = torch.where(found_inf, self.scale * self.backoff,
+                                 torch.where(grow, grown, self.scale))
+        self.tracker = torch.where(grow, 0, tracker)
+
+    def keep(self, rows: Tensor) -> None:
+        self.scale, self.tracker = self.scale.index_select(0, rows), self.tracker.index_select(
+            0, rows)
