@@ -204,6 +204,17 @@ def test_a_fused_multirun_gives_each_job_the_run_the_basic_launcher_gives_it(tmp
                                                     rel=1e-5)
 
 
+def test_a_fused_multirun_reports_each_group_s_jobs_before_the_next_group_trains(tmp_path):
+    proc = run_cli(["-m", *TINY_MLP, "trainer.epochs=1", "optimizer.lr=0.01,0.005", "seed=1,2",
+                    "fuse=2", "hydra/launcher=fused", f"hydra.sweep.dir={tmp_path / 'multi'}"],
+                   cwd=tmp_path, uri=sqlite_store(tmp_path))
+    out = proc.stdout
+    # Hydra's job lines (and the multirun bar's steps with them) come group by group.
+    assert out.index("Training group 1/2: jobs 0, 1 fused") < out.index("#0 : ") < out.index(
+        "#1 : ") < out.index("Training group 2/2: jobs 2, 3 fused") < out.index("#2 : ")
+    assert "4/4" in proc.stderr  # the bar counted every job
+
+
 def test_a_fused_multirun_refuses_a_bad_job_before_any_job_trains(tmp_path):
     uri = sqlite_store(tmp_path)
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}

@@ -1,7 +1,8 @@
 """The work of `hydra/launcher=fused` (`hydra_plugins.sweep_fused`): every job of a multirun of
 `python -m sweep` composed and checked first, compatible jobs trained fused, each in its own job
-folder and MLflow run, then each job handed to Hydra's `run_job` as the basic launcher does, so
-the job's `.hydra/`, callbacks, printed summary and return value are what they are without it.
+folder and MLflow run, and as each group ends its jobs handed to Hydra's `run_job` as the basic
+launcher does, so the job's `.hydra/`, callbacks (the multirun's bar), printed summary and return
+value are what they are without it.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ def job_dir(sweep_config: DictConfig) -> Path:
 
 def launch(hydra_context: HydraContext, config: DictConfig,
            job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
-    """Compose and check every job, train them in `fuse`-sized groups, then let Hydra run each
-    job's bookkeeping with a task that reports the result already trained (the app's own task,
-    `sweep.__main__.main`, is what this replaces)."""
+    """Compose and check every job, train them in `fuse`-sized groups, and after each group let
+    Hydra run its jobs' bookkeeping with a task that reports the result already trained (the
+    app's own task, `sweep.__main__.main`, is what this replaces)."""
     if config.hydra.job.config_name != "config":
         raise ConfigError(f"hydra/launcher=fused trains the jobs of `python -m sweep`, not of "
                           f"{config.hydra.job.config_name!r}; use the basic launcher there")
@@ -65,8 +66,10 @@ def launch(hydra_context: HydraContext, config: DictConfig,
         tqdm.write(f"sweep: error: {err}", file=sys.stderr)  # its own line, below the bar
         sys.exit(2)
 
-    # 2. Train: compatible jobs together, each its own MLflow run and job folder.
-    results: list[TrainResult | None] = [None] * len(cfgs)
+    # 2. Train: compatible jobs together, each its own MLflow run and job folder; then Hydra's
+    # own bookkeeping of each of the group's jobs, as the basic launcher runs it, so the
+    # multirun's bar and callbacks move group by group, not only once everything has trained.
+    returns: list[JobReturn | None] = [None] * len(cfgs)
     plan = fused.groups(cfgs, config.get("fuse", "auto"))
     log.info("Launching %d jobs as %d fused groups and %d alone", len(cfgs),
              sum(len(g) > 1 for g in plan), sum(len(g) == 1 for g in plan))
@@ -89,19 +92,13 @@ def launch(hydra_context: HydraContext, config: DictConfig,
                 if tracker is not None:
                     tracker.finish(result, figures)
         for i, result in zip(group, trained, strict=True):
-            results[i] = result
-
-    # 3. Hydra's own bookkeeping of each job, as the basic launcher runs it.
-    returns = []
-    for sweep_config, result, overrides in zip(sweep_configs, results, job_overrides,
-                                               strict=True):
-        log.info("\t#%s : %s", sweep_config.hydra.job.num,
-                 " ".join(filter_overrides(overrides)))
-        returns.append(run_job(hydra_context=hydra_context, task_function=reporter(result),
-                               config=sweep_config, job_dir_key="hydra.sweep.dir",
-                               job_subdir_key="hydra.sweep.subdir"))
-        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    return returns
+            log.info("\t#%s : %s", sweep_configs[i].hydra.job.num,
+                     " ".join(filter_overrides(job_overrides[i])))
+            returns[i] = run_job(hydra_context=hydra_context, task_function=reporter(result),
+                                 config=sweep_configs[i], job_dir_key="hydra.sweep.dir",
+                                 job_subdir_key="hydra.sweep.subdir")
+            configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    return [r for r in returns if r is not None]  # every job is in one group: all of them
 
 
 def reporter(result: TrainResult) -> TaskFunction:
