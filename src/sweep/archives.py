@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision.datasets
 from torch import Tensor
-from torchvision.datasets.utils import extract_archive
 
 from sweep.validation import DataError
 
@@ -41,6 +39,8 @@ def _check_md5(path: Path, expected: str, where: str = "") -> None:
 def _extract(archive: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     if archive.name.endswith(".tar.gz"):
+        from torchvision.datasets.utils import extract_archive
+
         extract_archive(archive, dest)
         return
     out = dest / archive.name.removesuffix(".gz")
@@ -111,6 +111,10 @@ def open_torchvision(cls: type, root: str | Path, archives: str | Path | None,
 def official_train_set(name: str, root: str | Path = "data", archives: str | Path | None = None,
                        download: bool = False) -> tuple[Tensor, Tensor]:
     """A torchvision dataset's official training set: uint8 images (N, C, H, W), int64 labels."""
+    # Imported here: torchvision.datasets imports torchvision.models and torch._dynamo (about 1 s),
+    # which a run on synthetic data never needs.
+    import torchvision.datasets
+
     cls = getattr(torchvision.datasets, name)
     ds = open_torchvision(cls, root, archives, download)
     images = torch.as_tensor(ds.data)

@@ -6,7 +6,6 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch.nn as nn
-from torchvision import models as tv_models
 
 from sweep.data import Data, arguments_checked, check_arguments, instantiate_checked
 from sweep.validation import (
@@ -113,6 +112,8 @@ def resnet18(in_shape: Sequence[int], num_outputs: int, small_input: bool = True
     _flag("model.small_input", small_input)
     arguments_checked()
     c = _image_channels(in_shape, "resnet18")
+    from torchvision import models as tv_models  # about 1 s to import: only when used
+
     model = tv_models.resnet18(weights=None, num_classes=num_outputs)
     if small_input:
         # The ImageNet stem (7x7 stride 2 + maxpool) would shrink 32x32 images to 8x8 at once.
