@@ -33,6 +33,9 @@ REGRESSION = ["dataset=synthetic_regression", "model=mlp", "scheduler=constant",
               "trainer.batch_size=50", "trainer.epochs=4", "trainer.progress=false",
               "tracking=none"]
 SGD = ["optimizer=sgd", "optimizer.momentum=0"]
+CNN = ["dataset=digits", "model=cnn", "model.channels=[4,8]", "model.hidden=16",
+       "trainer.batch_size=64", "trainer.epochs=2", "trainer.device=cpu", "trainer.progress=false",
+       "tracking=none", "scheduler=constant"]
 
 
 @pytest.fixture(autouse=True)
@@ -249,12 +252,92 @@ def test_in_float32_a_member_strays_no_further_than_float32_itself(tmp_path):
         assert largest_gap(member, alone) <= 10 * rounding + 1e-6, (rounding, member.history)
 
 
+# Groups whose checkpoints hold every kind of state: BatchNorm's running statistics, each
+# optimizer's own (none for SGD without momentum; RMSprop's momentum and centered averages),
+# fp16's loss scale, and dropout's RNG.
+CHECKPOINTED = {
+    "sgd": ([*REGRESSION, "optimizer=sgd", "model.bn=pre"],
+            [["seed=1", "optimizer.lr=0.01", "optimizer.momentum=0.9", "optimizer.nesterov=true",
+              "scheduler=cosine"], ["seed=2", "optimizer.lr=0.02", "optimizer.momentum=0"]]),
+    "adam": ([*REGRESSION, "optimizer=adam", "model.bn=pre", "model.bias=false"],
+             [["seed=1", "optimizer.lr=0.01", "scheduler=onecycle"],
+              ["seed=2", "optimizer=adamw", "optimizer.lr=0.005", "optimizer.weight_decay=0.1"]]),
+    "rmsprop": ([*REGRESSION, "optimizer=rmsprop", "model.bn=post"],
+                [["seed=1", "optimizer.lr=0.001", "optimizer.momentum=0.9",
+                  "+optimizer.centered=true"], ["seed=2", "optimizer.lr=0.002"]]),
+    "adagrad": ([*REGRESSION, "optimizer=adagrad"],
+                [["seed=1", "optimizer.lr=0.05", "optimizer.lr_decay=0.01"],
+                 ["seed=2", "optimizer.lr=0.02", "scheduler=step"]]),
+    "fp16": ([*REGRESSION, *SGD, "trainer.amp=fp16", "trainer.device=cpu",
+              "dataset.weights=[2000,-1000,3000,1000,2000]"],
+             [["seed=1", "optimizer.lr=1e-6"], ["seed=2", "optimizer.lr=1e-5"]]),
+    "cnn": ([*CNN, *SGD, "trainer.epochs=4"],
+            [["seed=1", "optimizer.lr=0.05"], ["seed=2", "optimizer.lr=0.02"]]),
+}
+
+
+def assert_same_checkpoint(fused: dict, alone: dict, rel: float) -> None:
+    """Everything a checkpoint holds: the same keys, counts, schedule, scaler and RNG states
+    exactly; weights and optimizer state within `rel` (a different summation order)."""
+    assert fused.keys() == alone.keys()
+    for key in ("epoch", "step", "skipped_steps", "best_epoch", "lr_trace", "settings"):
+        assert fused[key] == alone[key], key
+    assert fused["scheduler"] == alone["scheduler"] and fused["scaler"] == alone["scaler"]
+    for key in ("batches", "torch"):
+        assert torch.equal(fused["rng"][key], alone["rng"][key]), key
+    assert fused["model"].keys() == alone["model"].keys()
+    for key, value in alone["model"].items():  # BatchNorm's batch counts exactly
+        torch.testing.assert_close(fused["model"][key], value, rtol=rel, atol=rel * 1e-3)
+    assert fused["optimizer"]["param_groups"] == alone["optimizer"]["param_groups"]
+    theirs, mine = alone["optimizer"]["state"], fused["optimizer"]["state"]
+    assert mine.keys() == theirs.keys()
+    for index, state in theirs.items():
+        assert mine[index].keys() == state.keys()
+        for key, value in state.items():
+            assert mine[index][key].dtype == value.dtype, key
+            torch.testing.assert_close(mine[index][key], value, rtol=rel, atol=rel * 1e-3)
+
+
+@pytest.mark.parametrize("case", list(CHECKPOINTED))
+def test_a_fused_member_saves_its_run_alone_s_checkpoint_and_resumes_alone(case, tmp_path):
+    # Every member of a group with trainer.checkpoint.every saves, in its own folder, the
+    # checkpoint its run alone saves; `trainer.resume` then continues it alone, as if it had
+    # trained alone all along. Cut after epoch 2 (the callback stops every run there). In float64
+    # (fp16: float32 weights under fp16 autocast, within float32's rounding).
+    base, members = CHECKPOINTED[case]
+    widen, rel = (float64, 1e-9) if case != "fp16" else ((lambda parts: parts), 1e-5)
+    def config(k: int, *more: str):
+        return compose([*base, *members[k], "trainer.epochs=4", *more])
+
+    def cut(epoch, metrics):
+        return epoch == 2
+
+    n = len(members)
+    cfgs = [config(k, "trainer.checkpoint.every=1") for k in range(n)]
+    fused = [tmp_path / f"fused{k}" for k in range(n)]
+    train_fused(cfgs, callbacks=[cut] * n, output_dirs=fused,
+                parts=[widen(p) for p in member_parts(cfgs)])
+    for k, cfg in enumerate(cfgs):
+        train(cfg, callback=cut, output_dir=tmp_path / f"alone{k}", parts=widen(setup(cfg)))
+        saved = [torch.load(d / "checkpoint.pt", weights_only=False)
+                 for d in (fused[k], tmp_path / f"alone{k}")]
+        assert_same_checkpoint(*saved, rel=rel)
+        assert run_folder.read(fused[k])["checkpoint"] == str(fused[k] / "checkpoint.pt")
+
+        resume = config(k, f"trainer.resume={fused[k] / 'checkpoint.pt'}")
+        resumed = train(resume, output_dir=fused[k], parts=widen(setup(resume)))
+        straight = train(config(k), output_dir=tmp_path / f"straight{k}",
+                         parts=widen(setup(config(k))))
+        assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+        assert_same_run(straight, resumed, rel=rel)
+
+
 def test_fusable_groups_what_fuses_and_says_why_not_for_the_rest():
     mlp = [*REGRESSION, *SGD]
     cfgs = [compose([*mlp, "seed=1"]),                                     # 0
             compose([*mlp, "seed=2", "optimizer.lr=0.1", "scheduler=cosine"]),  # 1: with 0
             compose([*mlp, "model.bn=pre"]),                               # 2: another model
-            compose([*mlp, "trainer.checkpoint.every=1"]),                 # 3: no
+            compose([*mlp, "trainer.checkpoint.path=a.pt", "trainer.checkpoint.every=1"]),  # 3: no
             compose([*REGRESSION, "optimizer=adam", "+optimizer.amsgrad=true"]),  # 4: no
             compose([*mlp, "seed=3", "optimizer.momentum=0.9"]),           # 5: with 0 and 1
             compose([*REGRESSION, "optimizer=adam", "seed=4"])]            # 6: Adam's own group
@@ -263,7 +346,7 @@ def test_fusable_groups_what_fuses_and_says_why_not_for_the_rest():
 
     assert groups == [[0, 1, 5], [2], [6]]
     assert set(reasons) == {3, 4}
-    assert "checkpoints" in reasons[3] and "amsgrad" in reasons[4]
+    assert "checkpoint.path" in reasons[3] and "amsgrad" in reasons[4]
     assert fusable(cfgs, max_size=2)[0] == [[0, 1], [5], [2], [6]]
 
 
@@ -271,8 +354,8 @@ def test_train_fused_refuses_configs_that_do_not_train_together():
     cfgs = [compose([*REGRESSION, *SGD]), compose([*REGRESSION, *SGD, "trainer.epochs=3"])]
     with pytest.raises(ValueError, match="cannot train fused: they form 2 groups"):
         train_fused(cfgs)
-    with pytest.raises(ValueError, match="config 0: checkpoints"):
-        train_fused([compose([*REGRESSION, *SGD, "trainer.checkpoint.every=1"])])
+    with pytest.raises(ValueError, match="config 0: trainer.resume continues one run"):
+        train_fused([compose([*REGRESSION, *SGD, f"trainer.resume={__file__}"])])
 
 
 def test_members_have_their_own_data_and_weights():
@@ -316,10 +399,6 @@ def test_a_fused_group_writes_each_members_run_folder(tmp_path):
         rows = (tmp_path / folder / "metrics.csv").read_text().splitlines()
         assert len(rows) == 1 + 1 + 4  # the header, epoch 0, four epochs
 
-
-CNN = ["dataset=digits", "model=cnn", "model.channels=[4,8]", "model.hidden=16",
-       "trainer.batch_size=64", "trainer.epochs=2", "trainer.device=cpu", "trainer.progress=false",
-       "tracking=none", "scheduler=constant"]
 
 
 def test_cnn_members_with_dropout_train_as_they_do_alone(tmp_path):

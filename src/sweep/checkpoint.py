@@ -49,25 +49,37 @@ def resume_settings(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, scaler, gen: torch.Generator,
-                    epoch: int, step: int, initial_loss: float | None, result: TrainResult,
+def save_checkpoint(path: Path, states: dict[str, Any], rng: dict[str, Any], epoch: int,
+                    step: int, initial_loss: float | None, result: TrainResult,
                     settings: dict[str, Any] | None = None) -> None:
-    """Everything needed to continue as if never interrupted, written atomically."""
+    """Everything needed to continue as if never interrupted, written atomically. `states`: the
+    model's, optimizer's, scheduler's and scaler's `state_dict()`s; `rng`: `run_rngs`'."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "rng": {"batches": gen.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(), "python": random.getstate()},
-        "epoch": epoch, "step": step, "initial_loss": initial_loss, "run_id": result.run_id,
-        "history": result.history, "lr_trace": result.lr_trace, "best_metric": result.best_metric,
-        "best_epoch": result.best_epoch, "skipped_steps": result.skipped_steps,
-        "initial": result.initial, "settings": settings,
+        **{key: states[key] for key in ("model", "optimizer", "scheduler", "scaler")},
+        "rng": rng, "epoch": epoch, "step": step, "initial_loss": initial_loss,
+        "run_id": result.run_id, "history": result.history, "lr_trace": result.lr_trace,
+        "best_metric": result.best_metric, "best_epoch": result.best_epoch,
+        "skipped_steps": result.skipped_steps, "initial": result.initial, "settings": settings,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # a kill mid-write never leaves a truncated checkpoint
+
+
+def run_rngs(gen: torch.Generator, dropout: torch.Generator | None = None) -> dict[str, Any]:
+    """Every RNG a run draws from: `gen` (batch order, augmentation) and the global ones, where a
+    run alone draws its dropout masks. `dropout`: a fused member's own generator for those, saved
+    as the global RNG of its device that its run alone would hold."""
+    rng = {"batches": gen.get_state(), "torch": torch.get_rng_state(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+           "numpy": np.random.get_state(), "python": random.getstate()}
+    if dropout is not None:
+        if dropout.device.type == "cuda":
+            rng["cuda"][dropout.device.index or 0] = dropout.get_state()
+        else:
+            rng["torch"] = dropout.get_state()
+    return rng
 
 
 def read_checkpoint(cfg: DictConfig, parts: Setup) -> dict[str, Any]:

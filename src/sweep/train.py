@@ -21,7 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from sweep import run_folder
-from sweep.checkpoint import load_checkpoint, read_checkpoint, resume_settings, save_checkpoint
+from sweep.checkpoint import (
+    load_checkpoint,
+    read_checkpoint,
+    resume_settings,
+    run_rngs,
+    save_checkpoint,
+)
 from sweep.config import fail, validate
 from sweep.data import Data, augment_batch, load_data, tensor_batches
 from sweep.models import build_model
@@ -386,8 +392,9 @@ def train_runs(engine: Any, runs: Sequence[Run], t: DictConfig, first_epoch: int
     The engine holds the models, optimizers and data; its `active` lists the runs still training
     (indices into `runs`, in its order); `batches()` gives an epoch's batches, `step(xb, yb,
     sample_norm)` one `Step`, `evaluate(train_split)` a dict of metrics per active run,
-    `lrs_changed()` follows schedules that stepped, `end_epoch(epoch, steps, runs)` may save a
-    checkpoint, and `keep(rows)` drops the runs that stopped. `step`: the optimizer steps every
+    `lrs_changed()` follows schedules that stepped, `end_epoch(epoch, going_on, steps, runs)`
+    may save checkpoints of the runs going on (indices into `runs`, each with its own step), and
+    `keep(rows)` drops the runs that stopped. `step`: the optimizer steps every
     run applied before (a resumed run's); from there each run counts its own, as fp16's loss
     scaler may skip a step for some runs only.
     """
@@ -487,8 +494,7 @@ def train_runs(engine: Any, runs: Sequence[Run], t: DictConfig, first_epoch: int
             bar.set_postfix(train_loss=f"{final['train_loss']:.4g}",
                             **{metric: f"{final[metric]:.4g}"})
         going_on = [i for i in active if i not in stopping]
-        engine.end_epoch(epoch, [step - skipped_here[i] for i in going_on],
-                         [runs[i] for i in going_on])
+        engine.end_epoch(epoch, going_on, [step - skipped_here[i] for i in going_on], runs)
         for i in active:
             run = runs[i]
             if i not in stopping and run.callback is not None and run.callback(
@@ -588,13 +594,17 @@ class AloneEngine:
     def lrs_changed(self) -> None:
         """Nothing to follow: the optimizer reads its own param_groups."""
 
-    def end_epoch(self, epoch: int, steps: Sequence[int], going_on: Sequence[Run]) -> None:
+    def end_epoch(self, epoch: int, going_on: Sequence[int], steps: Sequence[int],
+                  runs: Sequence[Run]) -> None:
         """Save the checkpoint every `trainer.checkpoint.every` epochs, unless the run diverged."""
         if self.checkpoint is not None and going_on and epoch % self.every == 0:
             path, settings = self.checkpoint
-            run, p = going_on[0], self.parts
-            save_checkpoint(path, p.model, p.optimizer, self.schedule.scheduler, self.scaler,
-                            p.gen, epoch, steps[0], run.initial_loss, run.result, settings)
+            run, p = runs[0], self.parts
+            states = {"model": p.model.state_dict(), "optimizer": p.optimizer.state_dict(),
+                      "scheduler": self.schedule.scheduler.state_dict(),
+                      "scaler": self.scaler.state_dict()}
+            save_checkpoint(path, states, run_rngs(p.gen), epoch, steps[0], run.initial_loss,
+                            run.result, settings)
 
     def keep(self, rows: Sequence[int]) -> None:
         raise AssertionError("a run alone never continues without itself")

@@ -49,8 +49,11 @@ Under fp16 each member has its own loss scale (`optim.LossScales`, its run alone
 `GradScaler` arithmetic on a row of scales): a member whose gradients overflow skips its step,
 its schedule holds, and the others step.
 
-Not yet: checkpoints; `fusable` gives those configs a reason, and callers train them alone
-(`runs.groups` says so in one log line).
+With `trainer.checkpoint.every` each member saves its run alone's checkpoint into its own
+folder (`FusedEngine.end_epoch`: `StackedModel.member_state`, `FusedOptimizer.member_state_dict`
+in `torch.optim`'s format), so `trainer.resume` continues it alone. What does not fuse
+(`trainer.resume`, an explicit `trainer.checkpoint.path`, ...): `fusable` gives those configs a
+reason, and callers train them alone (`runs.groups` says so in one log line).
 """
 
 from sweep.fused.groups import fusable, why_not

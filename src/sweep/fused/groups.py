@@ -57,8 +57,11 @@ def why_not(cfg: DictConfig) -> str | None:
     for flag in ("amsgrad", "maximize"):
         if opt.get(flag):
             return f"optimizer.{flag}=true does not fuse yet"
-    if t.resume is not None or t.checkpoint.every:
-        return "checkpoints (trainer.resume, trainer.checkpoint.every) do not fuse"
+    if t.resume is not None:
+        return "trainer.resume continues one run: it trains alone"
+    if t.checkpoint.every and t.checkpoint.path is not None:
+        # Fused, each member saves its checkpoint.pt in its own folder.
+        return "trainer.checkpoint.path names one run's file: it trains alone"
     return None
 
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 from sweep import run_folder
+from sweep.checkpoint import resume_settings, run_rngs, save_checkpoint
 from sweep.config import validate
 from sweep.data import Data, augment_batch, dataset_key, load_data
 from sweep.fused.groups import fusable
@@ -190,9 +191,12 @@ class FusedEngine:
     optimizer (the view its scheduler steps and its lrs are read from) and its own generator,
     from which it draws its batch order and augmentation as `train` draws them alone."""
 
-    def __init__(self, cfg: DictConfig, parts: Sequence[Setup], schedules: Sequence[Any]):
+    def __init__(self, cfg: DictConfig, parts: Sequence[Setup], schedules: Sequence[Any],
+                 checkpoints: Sequence[tuple[Path, dict[str, Any]]] | None = None):
         t, first = cfg.trainer, parts[0]
         self.parts, self.device, self.data = list(parts), first.device, first.data
+        # Each member's (checkpoint path, settings), saved every `trainer.checkpoint.every`.
+        self.checkpoints, self.every = checkpoints, t.checkpoint.every
         self.loss_name, self.member_losses = member_loss(cfg, first.data)
         self.metric_name = first.metric_name
         self.views = [p.optimizer for p in parts]
@@ -200,8 +204,8 @@ class FusedEngine:
             # Nothing has a gradient, so this changes nothing; it tells the schedulers that
             # their optimizer has stepped (else PyTorch warns that they step first).
             view.step()
-        self.model = fuse_models([p.model for p in parts],
-                                 [p.rng or global_rng(self.device) for p in parts], first.amp)
+        self.rngs = [p.rng or global_rng(self.device) for p in parts]  # dropout masks
+        self.model = fuse_models([p.model for p in parts], self.rngs, first.amp)
         # fp16 keeps small gradients representable by loss scaling, each member its own scale.
         self.fp16 = first.amp == torch.float16
         self.scales = LossScales(len(parts), self.device) if self.fp16 else None
@@ -273,8 +277,35 @@ class FusedEngine:
     def lrs_changed(self) -> None:
         self.opt.refresh(everything=self.cycles)
 
-    def end_epoch(self, epoch: int, steps: Sequence[int], going_on: Sequence[Run]) -> None:
-        """Nothing: fused groups keep no checkpoints (`groups.why_not`)."""
+    def end_epoch(self, epoch: int, going_on: Sequence[int], steps: Sequence[int],
+                  runs: Sequence[Run]) -> None:
+        """Every `trainer.checkpoint.every` epochs, each member going on saves the checkpoint its
+        run alone saves (its weights, optimizer, schedule, scaler and RNGs as that run holds
+        them), so `trainer.resume` continues it alone."""
+        if self.checkpoints is None or not going_on or epoch % self.every:
+            return
+        for i, step in zip(going_on, steps, strict=True):
+            row, part, run = self.active.index(i), self.parts[i], runs[i]
+            path, settings = self.checkpoints[i]
+            states = {
+                # Its BatchNorms counted every batch it trained on, skipped steps' too.
+                "model": self.model.member_state(row, part.model,
+                                                 step + run.result.skipped_steps),
+                "optimizer": self.opt.member_state_dict(
+                    row, lambda values, model=part.model: self.model.shaped(values, model)),
+                "scheduler": run.schedule.scheduler.state_dict(),
+                "scaler": self.scaler_state(row)}
+            save_checkpoint(path, states, run_rngs(part.gen, self.rngs[i]), epoch, step,
+                            run.initial_loss, run.result, settings)
+
+    def scaler_state(self, row: int) -> dict[str, Any]:
+        """The `GradScaler.state_dict()` of member `row`'s run alone ({} without fp16)."""
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.fp16)
+        state = scaler.state_dict()
+        if self.scales is not None:
+            state["scale"] = float(self.scales.scale[row].item())
+            state["_growth_tracker"] = int(self.scales.tracker[row].item())
+        return state
 
     def keep(self, rows: Sequence[int]) -> None:
         """Only these members (positions in `active`) train on."""
@@ -318,7 +349,14 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
     trackers = list(trackers) if trackers is not None else [None] * n
     schedules = [build_scheduler(cfg.scheduler, p.optimizer, p.budget, p.direction)
                  for cfg, p in zip(cfgs, parts, strict=True)]
-    engine = FusedEngine(cfgs[0], parts, schedules)
+    out_dirs = list(output_dirs) if output_dirs is not None else [None] * n
+    checkpoints = None
+    if cfgs[0].trainer.checkpoint.every:  # each member's in its own folder, as alone
+        if any(d is None for d in out_dirs):
+            raise ValueError("fused checkpoints go into each member's folder: give output_dirs")
+        checkpoints = [(Path(d) / "checkpoint.pt", resume_settings(cfg))
+                       for d, cfg in zip(out_dirs, cfgs, strict=True)]
+    engine = FusedEngine(cfgs[0], parts, schedules, checkpoints)
     device = f"{describe_device(parts[0].device)}, {n} runs fused"
     # Each member's seconds are the group's: the device is shared n ways.
     runs = [Run(TrainResult(status="completed", metric_name=p.metric_name, direction=p.direction,
@@ -329,9 +367,9 @@ def train_fused(cfgs: Sequence[DictConfig], callbacks: Sequence[Callback | None]
 
     train_runs(engine, runs, cfgs[0].trainer, desc=f"epochs, {n} fused")
 
-    out_dirs = list(output_dirs) if output_dirs is not None else [None] * n
-    for run, part, out_dir in zip(runs, parts, out_dirs, strict=True):
+    for k, (run, part, out_dir) in enumerate(zip(runs, parts, out_dirs, strict=True)):
         settle_status(run.result, part.data, part.loss_fn, engine.train_eval)
         if out_dir is not None:
-            run_folder.write(out_dir, run.result, None, getattr(run.tracker, "name", None))
+            saved = checkpoints[k][0] if checkpoints and checkpoints[k][0].exists() else None
+            run_folder.write(out_dir, run.result, saved, getattr(run.tracker, "name", None))
     return [run.result for run in runs]

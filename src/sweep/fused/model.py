@@ -82,6 +82,8 @@ class StackedModel:
     shapes: list[torch.Size]
     params: list[Tensor]
     stats: list[Tensor]
+    stat_names: list[str]  # each of `stats`' buffer name in a member's own model
+    transposed: frozenset[int] = frozenset()  # params stored as the transpose of a member's
     flat: Tensor
     generators: list[torch.Generator] | None = None
     amp: torch.dtype | None = None  # autocast (bf16 or fp16), as `train` runs a model alone
@@ -113,6 +115,33 @@ class StackedModel:
             starts[name] = range(start, start + shape.numel())
             start += shape.numel()
         return [starts[name] for name in names]
+
+    def shaped(self, row: Tensor, model: nn.Module) -> list[Tensor]:
+        """A member's row like `flat`'s (its weights, or an optimizer's state of them) as the
+        tensors of `model.parameters()`, in that order: its own model's shapes."""
+        values, start = {}, 0
+        for k, (name, shape) in enumerate(zip(self.names, self.shapes, strict=True)):
+            value = row[start:start + shape.numel()].view(shape)
+            values[name] = value.T if k in self.transposed else value
+            start += shape.numel()
+        return [values[name].reshape(p.shape) for name, p in model.named_parameters()]
+
+    @torch.no_grad()
+    def member_state(self, row: int, model: nn.Module, batches: int) -> dict[str, Tensor]:
+        """Member `row`'s weights and BatchNorm statistics copied into `model` (its own, which
+        training fused leaves as it was built), whose `state_dict()` this returns: its run
+        alone's. `batches`: the training batches it has seen (BatchNorm's num_batches_tracked)."""
+        for param, value in zip(model.parameters(), self.shaped(self.flat[row], model),
+                                strict=True):
+            param.copy_(value)
+        buffers = dict(model.named_buffers())
+        for name, stat in zip(self.stat_names, self.stats, strict=True):
+            buffers[name].copy_(stat[row])
+        for module in model.modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and (
+                    module.num_batches_tracked is not None):
+                module.num_batches_tracked.fill_(batches)
+        return model.state_dict()
 
     def forward(self, x: Tensor, training: bool) -> Tensor:
         """(members, batch, *in_shape) -> (members, batch, outputs); `training`: BatchNorm's and
@@ -154,6 +183,8 @@ class LayerFusedModel(StackedModel):
         self.names = [name for name, _ in first.named_parameters()]
         self.params: list[Tensor] = []
         self.stats: list[Tensor] = []  # BatchNorm running means and variances, (members, h) each
+        self.stat_names: list[str] = []
+        transposed = set()
         self.layers: list[tuple] = []  # what forward does, in order; indices into params/stats
         self.generators = list(generators) if generators is not None else None
         for index, module in enumerate(first):
@@ -164,6 +195,7 @@ class LayerFusedModel(StackedModel):
                 # Stored as x @ weight and bias need them, (in, out) and (1, out): no transposes or
                 # broadcasts to take (and differentiate) each step. named_parameters() order.
                 weight = self._stack(m.weight.T for m in same)
+                transposed.add(weight)
                 bias = None if module.bias is None else self._stack(
                     m.bias.unsqueeze(0) for m in same)
                 self.layers.append(("linear", weight, bias))
@@ -171,6 +203,7 @@ class LayerFusedModel(StackedModel):
                 self.layers.append(self._conv(module, same, index))
             elif isinstance(module, nn.BatchNorm1d):
                 self.layers.append(self._batch_norm(module, same))
+                self.stat_names += [f"{index}.running_mean", f"{index}.running_var"]
             elif isinstance(module, (*ELEMENTWISE, *PER_CHANNEL)):
                 self.layers.append(("module", module))
             elif isinstance(module, nn.Dropout):
@@ -181,6 +214,7 @@ class LayerFusedModel(StackedModel):
                 raise ValueError(f"cannot fuse a {type(module).__name__} layer (layer {index})")
         if [p[0].numel() for p in self.params] != [p.numel() for p in first.parameters()]:
             raise ValueError("some parameters of the model are not in a layer fusion knows")
+        self.transposed = frozenset(transposed)
         self._stack_params(self.params)
 
     def _stack(self, tensors) -> int:
@@ -276,7 +310,7 @@ class TreeFusedModel(StackedModel):
         self.names = [name for name, _ in first.named_parameters()]
         index = {name: i for i, name in enumerate(self.names)}
         own = [dict(m.named_modules()) for m in models]
-        self.stats = []
+        self.stats, self.stat_names = [], []
         self.tree = copy.deepcopy(first)
         for name, module in list(self.tree.named_modules()):
             same = [modules[name] for modules in own]
@@ -289,6 +323,7 @@ class TreeFusedModel(StackedModel):
                                      f"and a momentum ({name})")
                 self.stats += [torch.stack([m.running_mean for m in same]),
                                torch.stack([m.running_var for m in same])]
+                self.stat_names += [f"{name}.running_mean", f"{name}.running_var"]
                 fused = _WideBatchNorm2d(self, weight, bias, len(self.stats) - 2, module)
             elif isinstance(module, nn.Linear):
                 fused = _BatchedLinear(self, weight, bias)

@@ -9,7 +9,8 @@ their order of operations.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -204,6 +205,38 @@ class FusedOptimizer:
         state_sum.addcmul_(grad, grad)
         std = state_sum.sqrt().add_(c["eps"])
         p.add_(self._cast(-clr) * grad / std)  # PyTorch's addcdiv, in its order
+
+    def member_state_dict(self, row: int, shaped: Callable[[Tensor], list[Tensor]]
+                          ) -> dict[str, Any]:
+        """Member `row`'s optimizer as its run alone's `state_dict()` holds it: the view's own
+        groups, and the state of `torch.optim`'s rule (its keys, only where that rule keeps
+        them) from this optimizer's rows. `shaped`: a row like `flat`'s as the tensors of the
+        view's parameters, in their order (`StackedModel.shaped`)."""
+        view = self.views[row]
+        saved = view.state_dict()
+        steps = float(self.steps[row].item())
+        if steps == 0:  # no step applied yet: the state it was built with (Adagrad's sums)
+            return saved
+        rows = {key: shaped(value[row]) for key, value in self.state.items()}
+        groups = [g for g in view.param_groups for _ in g["params"]]
+        state: dict[int, dict[str, Any]] = {}
+        for i, group in enumerate(groups):
+            entry = {key: values[i].clone() for key, values in rows.items()}
+            if self.rule == "sgd":
+                if group["momentum"] == 0:
+                    continue  # SGD without momentum keeps no state
+            else:
+                # A float tensor, as `torch.optim` makes it (Adagrad's, made when it was built)
+                built = saved["state"].get(i, {}).get("step")
+                entry["step"] = torch.tensor(steps, dtype=None if built is None else built.dtype)
+                if self.rule == "rmsprop":
+                    if group["momentum"] == 0:
+                        entry.pop("momentum_buffer", None)
+                    if not group["centered"]:
+                        entry.pop("grad_avg", None)
+            state[i] = entry
+        saved["state"] = state
+        return saved
 
     def keep(self, rows: Tensor) -> None:
         """Keep only these members' rows, state and views (`rows` index the current members)."""
