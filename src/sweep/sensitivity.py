@@ -144,15 +144,15 @@ def point_configs(argv: Sequence[str], s: DictConfig) -> dict[tuple[str, str], D
     the grid sets the lr and the seed on these as values."""
     configs = {}
     for variant, extra in variants(s).items():
-        if extra:  # the variant's own overrides, on their own, so an error names the variant
-            try:
-                compose([*argv, *extra], "sensitivity")
-            except HydraException as err:
-                fail(f"sensitivity.models.{variant}", extra, first_line(err))
         for label in labels(s):
             try:
                 cfg = compose([*argv, *extra, f"{s.factor}={label}"], "sensitivity")
             except HydraException as err:
+                if extra:  # the variant's own overrides on their own: does the error name it?
+                    try:
+                        compose([*argv, *extra], "sensitivity")
+                    except HydraException as own:
+                        fail(f"sensitivity.models.{variant}", extra, first_line(own))
                 fail("sensitivity.values", label, first_line(err))
             validate(cfg)
             configs[variant, label] = cfg
