@@ -259,8 +259,14 @@ def test_a_ray_node_killed_mid_study_loses_nothing(tmp_path, monkeypatch):
 
     check_one_study(storage, tracking_uri, "nodes")
     trials = [t for s in SCHEDULES for t in load(storage, f"nodes/{s}").trials]
-    assert [trial_state(t) for t in trials].count("interrupted") == 1  # the dead node's trial
-    assert sum("failed_trial" in t.system_attrs for t in trials) == 1  # ... run again elsewhere
+    interrupted = [t for t in trials if trial_state(t) == "interrupted"]
+    assert len(interrupted) == 1  # the dead node's trial
+    # ... run again elsewhere with its parameters; unless the node died before it sampled any
+    # (these trials take a fraction of a second), when a new trial takes its place in the budget.
+    retried = [t for t in trials if "failed_trial" in t.system_attrs]
+    assert len(retried) == (1 if interrupted[0].params else 0)
+    if retried:
+        assert retried[0].params == interrupted[0].params
 
 
 def test_a_tracking_server_stopped_mid_study_loses_no_metric_point(mlflow_server, tmp_path):
