@@ -394,9 +394,9 @@ def train_runs(engine: Any, runs: Sequence[Run], t: DictConfig, first_epoch: int
     sample_norm)` one `Step`, `evaluate(train_split)` a dict of metrics per active run,
     `lrs_changed()` follows schedules that stepped, `end_epoch(epoch, going_on, steps, runs)`
     may save checkpoints of the runs going on (indices into `runs`, each with its own step), and
-    `keep(rows)` drops the runs that stopped. `step`: the optimizer steps every
-    run applied before (a resumed run's); from there each run counts its own, as fp16's loss
-    scaler may skip a step for some runs only.
+    `keep(rows)` drops the runs that stopped. `step`: the optimizer steps every run applied
+    before (a resumed run's); from there each run counts its own, as fp16's loss scaler may skip
+    a step for some runs only.
     """
     # Plain values for the loop: a DictConfig lookup costs tens of microseconds, an epoch of the
     # article's MLP a few milliseconds.

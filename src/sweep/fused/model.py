@@ -119,11 +119,11 @@ class StackedModel:
     def shaped(self, row: Tensor, model: nn.Module) -> list[Tensor]:
         """A member's row like `flat`'s (its weights, or an optimizer's state of them) as the
         tensors of `model.parameters()`, in that order: its own model's shapes."""
-        values, start = {}, 0
-        for k, (name, shape) in enumerate(zip(self.names, self.shapes, strict=True)):
-            value = row[start:start + shape.numel()].view(shape)
+        values = {}
+        for k, (name, cols, shape) in enumerate(zip(self.names, self.columns(self.names),
+                                                    self.shapes, strict=True)):
+            value = row[cols.start:cols.stop].view(shape)
             values[name] = value.T if k in self.transposed else value
-            start += shape.numel()
         return [values[name].reshape(p.shape) for name, p in model.named_parameters()]
 
     @torch.no_grad()
