@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from sweep.config import ConfigError
 from sweep.data import digits
-from sweep.models import ACTIVATIONS, build_model, cnn, mlp, resnet18
+from sweep.models import ACTIVATIONS, build_model, cnn, mlp, model_factory, resnet18
 
 CONF = Path(__file__).parents[1] / "conf"
 
@@ -116,6 +116,20 @@ def test_invalid_bn_and_activation_name_the_key_and_the_choices():
     cfg = OmegaConf.merge(OmegaConf.load(CONF / "model" / "mlp.yaml"), {"bn": "middle"})
     with pytest.raises(ConfigError, match=r"model.bn='middle'"):  # not Hydra's wrapper
         build_model(cfg, digits())
+
+
+def test_a_model_factory_builds_a_new_model_a_call_as_build_model_does():
+    # A fused group's members share one factory, each calling it after its own seed.
+    cfg, data = OmegaConf.load(CONF / "model" / "mlp.yaml"), digits()
+    make = model_factory(cfg, data)
+    torch.manual_seed(3)
+    first, second = make(), make()
+    torch.manual_seed(3)
+    alone = build_model(cfg, data)
+    assert first is not second and not torch.equal(first[1].weight, second[1].weight)
+    for ours, theirs in zip(first.state_dict().values(), alone.state_dict().values(),
+                            strict=True):
+        assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("in_shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32)])

@@ -129,11 +129,12 @@ def check_arguments(cfg: Mapping, group: str, runtime: Iterable[str] = ()) -> No
         _checking_only.reset(token)
 
 
-def instantiate_checked(cfg: Mapping, group: str, **runtime: Any) -> Any:
-    """Hydra's instantiate, but unknown keys and bad values raise ConfigError naming `group.key`."""
+def instantiate_checked(cfg: Mapping, group: str, partial: bool = False, **runtime: Any) -> Any:
+    """Hydra's instantiate, but unknown keys and bad values raise ConfigError naming `group.key`.
+    `partial`: the call, prepared (Hydra's `_partial_`), to make as often as needed."""
     checked_target(cfg, group, runtime)
     try:
-        return instantiate(cfg, **runtime, _convert_="all")
+        return instantiate(cfg, **runtime, _convert_="all", _partial_=partial)
     except InstantiationException as e:
         # Hydra wraps whatever the target raises; our own errors already say what to fix.
         if isinstance(e.__cause__, ConfigError | DataError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch.nn as nn
 
@@ -30,7 +30,14 @@ BN_PLACEMENTS = ("none", "pre", "post")
 
 def build_model(cfg_model: Mapping, data: Data) -> nn.Module:
     """Build the model a `conf/model/*.yaml` describes, sized for `data`."""
-    return instantiate_checked(cfg_model, "model", in_shape=data.in_shape,
+    return model_factory(cfg_model, data)()
+
+
+def model_factory(cfg_model: Mapping, data: Data) -> Callable[[], nn.Module]:
+    """What builds that model: each call a new one, its weights drawn from the global RNG. A
+    fused group's members (one config, each drawn after its own seed) share one: composing
+    Hydra's call costs more than building a small MLP."""
+    return instantiate_checked(cfg_model, "model", partial=True, in_shape=data.in_shape,
                                num_outputs=data.num_outputs)
 
 

@@ -19,7 +19,7 @@ from sweep.data import Data, augment_batch, dataset_key, load_data
 from sweep.fused.groups import fusable
 from sweep.fused.model import StackedModel, fuse_models
 from sweep.fused.optim import FusedOptimizer, LossScales
-from sweep.models import build_model
+from sweep.models import model_factory
 from sweep.optim import build_optimizer
 from sweep.schedules import Budget, build_scheduler
 from sweep.train import (
@@ -46,6 +46,7 @@ def member_parts(cfgs: Sequence[DictConfig]) -> list[Setup]:
     device = pick_device(t.device)
     loaded: dict[str, Data] = {}
     parts = []
+    make_model = None  # the members share one model config, sized alike
     for cfg in cfgs:
         key = dataset_key(cfg.dataset)
         if key not in loaded:
@@ -55,9 +56,10 @@ def member_parts(cfgs: Sequence[DictConfig]) -> list[Setup]:
             raise ValueError(f"fused training batches on the device, and {data.name} is larger "
                              f"than trainer.device_data_max_mb={t.device_data_max_mb}")
         loss_fn, metric_name, direction = loss_and_metric(cfg, data.task, data.name)
+        make_model = make_model or model_factory(cfg.model, data)
         # As `setup` does: each member's weights are drawn right after its own seed is set.
         seed_everything(cfg.seed, t.deterministic)
-        model = build_model(cfg.model, data).to(device)
+        model = make_model().to(device)
         budget = Budget(epochs=t.epochs, steps_per_epoch=data.steps_per_epoch(t.batch_size))
         parts.append(Setup(device, data, True, model, build_optimizer(cfg.optimizer, model),
                            loss_fn, metric_name, direction, budget, pick_amp(t.amp, device),
