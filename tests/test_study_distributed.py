@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from sweep.dburl import sqlalchemy_url
 from sweep.study import run_study
 from sweep.study_optuna import counts, trial_state
+from sweep.study_storage import OnStale, trial_id
 
 # 2 schedules x 3 trials x 2 epochs of a small MLP on 200 regression samples; 2 seeds to confirm.
 TINY = [*TINY_STUDY, "study.trials=3", "study.plots=false",
@@ -75,7 +76,9 @@ def check_one_study(storage: str, tracking_uri: str, name: str) -> dict[str, lis
     parent = runs["study"][0].info.run_id
     children = runs["trial"] + runs["confirm"]
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
-    assert Counter((r.data.tags["schedule"], r.data.tags["seed"]) for r in runs["confirm"]) == \
+    # A confirmation another process took over (and ran again) ends KILLED, tagged so.
+    counted = [r for r in runs["confirm"] if r.data.tags.get("state") != "taken over"]
+    assert Counter((r.data.tags["schedule"], r.data.tags["seed"]) for r in counted) == \
         Counter({(s, str(k)): 1 for s in SCHEDULES for k in SEEDS})
     statuses = Counter(r.info.status for r in [*runs["study"], *children])
     assert "RUNNING" not in statuses, statuses
@@ -213,6 +216,55 @@ def trials_running(storage: str, names: list[str]) -> int:
         except Exception:  # the database or the study is not created yet
             pass
     return total
+
+
+def declare_dead(storage: str, name: str, tracking_uri: str, has_reported: bool) -> bool:
+    """What another worker's reaper does to a trial whose heartbeat it finds stale: fail it, then
+    keep its recorded outcome or queue it again (`OnStale`). Here to a running trial whose worker
+    is alive and well: a heartbeat that missed the grace period (a stalled machine, a storage
+    that stopped answering) looks the same from outside. True if it caught one."""
+    try:
+        rdb = optuna.storages.RDBStorage(sqlalchemy_url(storage))
+        study = optuna.load_study(study_name=name, storage=rdb)
+    except Exception:  # the database or the study is not created yet
+        return False
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if has_reported and not t.intermediate_values:
+            continue
+        tid = trial_id(rdb, study, t.number)
+        try:
+            if rdb.set_trial_state_values(tid, TrialState.FAIL):
+                OnStale(tracking_uri)(study, rdb.get_trial(tid))
+                return True
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # it finished first
+    return False
+
+
+def test_a_trial_declared_dead_while_its_worker_lives_is_let_go_not_a_crash(tmp_path):
+    # The worker finds its trial (a search trial mid-training, a confirmation) already failed by
+    # someone else: it stops that member, says so, and goes on; the storage's account stands.
+    out, tracking_uri = tmp_path / "study", sqlite_store(tmp_path)
+    storage = f"sqlite:///{out / 'optuna.db'}"
+    argv = [*TINY, f"study.output_dir={out}", "study.name=alive", "study.epochs=300",
+            "study.pruner=none", "fuse=1"]
+    study = sweep_study(argv, tmp_path, {"MLFLOW_TRACKING_URI": tracking_uri})
+    caught = {"search": False, "confirm": False}
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and study.poll() is None and not all(caught.values()):
+        if not caught["search"]:
+            caught["search"] = declare_dead(storage, "alive/step", tracking_uri, True)
+        elif not caught["confirm"]:
+            caught["confirm"] = declare_dead(storage, "alive/step/confirm", tracking_uri, False)
+        time.sleep(0.05)
+    output = study.communicate(timeout=600)[0]
+    assert study.returncode == 0, output
+    assert caught == {"search": True, "confirm": True}, output
+    assert output.count("taken over") >= 2, output
+
+    runs = check_one_study(storage, tracking_uri, "alive")
+    taken = [r for r in runs["trial"] + runs["confirm"] if r.data.tags.get("state") == "taken over"]
+    assert len(taken) == 2 and {r.info.status for r in taken} == {"KILLED"}
 
 
 def test_the_ray_launcher_runs_the_budget_with_two_workers(tmp_path, monkeypatch):

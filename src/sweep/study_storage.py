@@ -313,16 +313,21 @@ def once(storage: BaseStorage, name: str, job: Callable[[], Any], liveness: Live
             liveness.reap(study)
 
 
-def claim(storage: BaseStorage, study: optuna.Study) -> FrozenTrial | None:
+def claim(storage: BaseStorage, study: optuna.Study,
+          liveness: Liveness | None = None) -> FrozenTrial | None:
     """Take the lowest-numbered queued (WAITING) trial of the study, or None if there is none.
 
     WAITING -> RUNNING is a compare-and-set in the storage: if another process took the trial
-    first, this one moves on to the next.
+    first, this one moves on to the next. With `liveness` the trial beats once at once: a worker
+    that claims a batch starts its heartbeats when the batch is built, and a trial claimed early
+    must not look dead to other workers in between.
     """
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         tid = trial_id(storage, study, t.number)
         try:
             if storage.set_trial_state_values(tid, TrialState.RUNNING):
+                if liveness is not None:
+                    liveness.beat(tid, first=True)
                 return storage.get_trial(tid)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue

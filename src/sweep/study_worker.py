@@ -59,6 +59,13 @@ MAX_LR_POINTS = 500    # lr points kept per confirmation run (enough for a plot,
 # The search asks for at most budget / SEARCH_ROUNDS trials at once (and `fuse`): trials asked
 # together are sampled without each other's results, so the sampler learns between rounds.
 SEARCH_ROUNDS = 4
+# A trial another process declared dead while this one still ran it: its heartbeat missed the
+# grace period (a stalled machine or storage). That process kept the trial's recorded outcome or
+# queued it again (`OnStale`); this one lets it go instead of crashing on the finished trial.
+TAKEN_OVER = "taken over"
+TAKEN_OVER_NOTE = ("declared dead by another process meanwhile (no heartbeat within "
+                   "study.grace_period): the storage keeps its recorded result or runs it again")
+Finished = optuna.exceptions.UpdateFinishedTrialError
 
 
 def search_batch(fuse: Any, budget: int) -> int:
@@ -205,22 +212,31 @@ class Worker:
                     continue
                 for (trial, values), (value, state, epochs) in zip(members, outcomes,
                                                                    strict=True):
-                    trial.set_user_attr("state", state)
                     note = f"epoch {epochs}" + (f", {len(group)} fused" if len(group) > 1 else "")
+                    try:
+                        if state != TAKEN_OVER:
+                            trial.set_user_attr("state", state)
+                            if state == "pruned":
+                                study.tell(trial, state=TrialState.PRUNED)
+                            else:
+                                study.tell(trial, value)
+                    except Finished:
+                        state = TAKEN_OVER
+                    if state == TAKEN_OVER:
+                        value, note = None, f"{note}; {TAKEN_OVER_NOTE}"
                     say(schedule, trial.number, state, value, values, plan.metric, started, note)
-                    if state == "pruned":
-                        study.tell(trial, state=TrialState.PRUNED)
-                    else:
-                        study.tell(trial, value)
 
     def trial_failed(self, study: optuna.Study, trial: optuna.Trial, schedule: str,
                      values: dict[str, Any], started: float, err: BaseException) -> None:
-        state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-        trial.set_user_attr("state", state)
-        trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:2000])
-        say(schedule, trial.number, state, None, values, self.plan.metric, started,
-            f"{type(err).__name__}: {err}")
-        study.tell(trial, state=TrialState.FAIL)
+        state, note = ("interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+                       f"{type(err).__name__}: {err}")
+        try:
+            trial.set_user_attr("state", state)
+            trial.set_user_attr("error", note[:2000])
+            study.tell(trial, state=TrialState.FAIL)
+        except Finished:
+            state, note = TAKEN_OVER, f"{note}; {TAKEN_OVER_NOTE}"
+        say(schedule, trial.number, state, None, values, self.plan.metric, started, note)
 
     def train_trials(self, study: optuna.Study, members: list[tuple[optuna.Trial, dict]],
                      cfgs: list[DictConfig], schedule: str) -> list[tuple[float, str, int]]:
@@ -228,10 +244,15 @@ class Worker:
         per trial."""
         plan = self.plan
         pruned = [False] * len(members)
+        taken = [False] * len(members)  # declared dead elsewhere while training here
 
         def reporter(k: int, trial: optuna.Trial) -> Callback:
             def report(epoch: int, metrics: dict[str, float]) -> bool:
-                trial.report(metrics[plan.metric], epoch)
+                try:
+                    trial.report(metrics[plan.metric], epoch)
+                except Finished:
+                    taken[k] = True
+                    return True  # stop this member alone; the others train on
                 faults.point("mid_trial")
                 # None of our pruners stops a trial before warmup_epochs; asking reads the
                 # storage.
@@ -241,7 +262,10 @@ class Worker:
                     # Its training ends here, while a fused group's other members train on: its
                     # result reaches the storage now, so a worker killed before the group ends
                     # recovers it instead of training it again.
-                    trial.set_user_attr("outcome", {"state": "pruned", "value": value})
+                    try:
+                        trial.set_user_attr("outcome", {"state": "pruned", "value": value})
+                    except Finished:
+                        taken[k] = True
                     faults.point("pruned")
                 return pruned[k]  # stop this member, close its run cleanly, then tell Optuna
             return report
@@ -266,13 +290,19 @@ class Worker:
                                           "error": f"{type(err).__name__}: {err}"})
                 raise
             outcomes = []
-            for (trial, _), result, stopped in zip(members, results, pruned, strict=True):
+            for (trial, _), result, stopped, lost in zip(members, results, pruned, taken,
+                                                         strict=True):
                 value, state = result.final_metric, "pruned" if stopped else "complete"
                 if result.status == "diverged" or not math.isfinite(value):
                     state, value = "diverged", diverged_value(study, plan.metric, result.history)
-                # The result reaches the storage before anything else can be interrupted: a
-                # worker killed from here on is recovered from it, not trained again.
-                trial.set_user_attr("outcome", {"state": state, "value": value})
+                try:
+                    if lost:
+                        raise Finished
+                    # The result reaches the storage before anything else can be interrupted: a
+                    # worker killed from here on is recovered from it, not trained again.
+                    trial.set_user_attr("outcome", {"state": state, "value": value})
+                except Finished:
+                    state = TAKEN_OVER
                 outcomes.append((value, state, len(result.history)))
             faults.point("after_train")
             for tracker, result, (value, state, _) in zip(trackers, results, outcomes,
@@ -280,6 +310,8 @@ class Worker:
                 if tracker is not None:  # one-off numbers as tags: no single-point charts
                     tracker.set_tags({**summary_tags(result), "state": state,
                                       "objective": f"{value:.6g}"})
+                    if state == TAKEN_OVER:
+                        tracker.ended_as = "KILLED"
         return outcomes
 
     # --- 3. confirm ----------------------------------------------------------------------------
@@ -303,7 +335,8 @@ class Worker:
             # so they train fused (`sweep.fused`).
             batch: list[tuple[optuna.Study, FrozenTrial, str]] = []
             for name, study in studies.items():
-                while len(batch) < size and (item := claim(self.storage, study)) is not None:
+                while len(batch) < size and (
+                        item := claim(self.storage, study, self.liveness)) is not None:
                     if is_duplicate(study, item):
                         self.fail_item(study, item, "duplicate")
                         continue
@@ -318,8 +351,12 @@ class Worker:
             self.wait(list(studies.values()))
 
     def fail_item(self, study: optuna.Study, item: FrozenTrial, why: str) -> None:
-        self.storage.set_trial_user_attr(trial_id(self.storage, study, item.number), "state", why)
-        study.tell(item.number, state=TrialState.FAIL)
+        try:
+            self.storage.set_trial_user_attr(trial_id(self.storage, study, item.number), "state",
+                                             why)
+            study.tell(item.number, state=TrialState.FAIL)
+        except Finished:
+            pass  # declared dead elsewhere meanwhile: already failed there
 
     def run_confirmations(self, batch: list[tuple[optuna.Study, FrozenTrial, str]]) -> None:
         """Train the claimed items (each schedule's best configuration with one seed), as
@@ -351,19 +388,26 @@ class Worker:
                         self.storage.set_trial_user_attr(tid, "mlflow_run_id", tracker.run_id)
                 results = fused.train_group(cfgs, trackers=trackers,
                                             output_dirs=[plan.out_dir / "runs" / n for n in names])
-                records, values = [], []
+                records, values, taken = [], [], []
                 for result, seed, tid in zip(results, seeds, tids, strict=True):
                     record = confirmation_record(result, seed)
                     value = record["final"] if math.isfinite(record["final"]) else (
                         -math.inf if plan.direction == "maximize" else math.inf)
-                    self.storage.set_trial_user_attr(tid, "outcome", {
-                        "state": "complete", "value": value, "record": record})
+                    try:
+                        self.storage.set_trial_user_attr(tid, "outcome", {
+                            "state": "complete", "value": value, "record": record})
+                        taken.append(False)
+                    except Finished:
+                        taken.append(True)
                     records.append(record)
                     values.append(value)
                 faults.point("confirm")
-                for tracker, result in zip(trackers, results, strict=True):
+                for tracker, result, lost in zip(trackers, results, taken, strict=True):
                     if tracker is not None:
-                        tracker.set_tags(summary_tags(result))
+                        tracker.set_tags({**summary_tags(result),
+                                          **({"state": TAKEN_OVER} if lost else {})})
+                        if lost:
+                            tracker.ended_as = "KILLED"
         except BaseException as err:
             state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             for (study, item, schedule), seed, tid in zip(items, seeds, tids, strict=True):
@@ -376,10 +420,17 @@ class Worker:
             return
         elapsed = time.perf_counter() - started
         together = f", {len(items)} fused" if len(items) > 1 else ""
-        for (study, item, schedule), tid, result, record, value in zip(
-                items, tids, results, records, values, strict=True):
-            self.storage.set_trial_user_attr(tid, "state", "complete")
-            study.tell(item.number, value)
+        for (study, item, schedule), tid, result, record, value, lost in zip(
+                items, tids, results, records, values, taken, strict=True):
+            try:
+                if lost:
+                    raise Finished
+                self.storage.set_trial_user_attr(tid, "state", "complete")
+                study.tell(item.number, value)
+            except Finished:
+                print(f"  {schedule:<12} seed {record['seed']:<4} {TAKEN_OVER}: "
+                      f"{TAKEN_OVER_NOTE}", flush=True)
+                continue
             print(f"  {schedule:<12} seed {record['seed']:<4} {result.status:<11} {plan.metric} "
                   f"{record['final']:.4f}  ({elapsed:.1f}s{together})", flush=True)
 

@@ -246,6 +246,9 @@ class Tracker:
         self._client = self.writer.client
         self._pending: list[MetricPoint] = []  # the training loop's, not yet handed over
         self._flushed_at = time.monotonic()
+        # How `member_runs` ends this run when not as its group (a study's trial that another
+        # process took over ends KILLED, as that process marks the runs of workers it finds dead).
+        self.ended_as: str | None = None
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.log_step(epoch, {k: v for k, v in metrics.items() if k != "epoch"})
@@ -412,4 +415,4 @@ def member_runs(cfgs: Sequence[DictConfig], names: Sequence[str],
         status = "FINISHED"
     finally:
         for tracker in trackers:
-            call_mlflow("end the run", end_run, tracker.run_id, status)
+            call_mlflow("end the run", end_run, tracker.run_id, tracker.ended_as or status)
