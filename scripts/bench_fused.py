@@ -23,7 +23,10 @@ on, a SQLite store in a scratch folder that a first untimed run of each kind cre
 `python -m sweep.sensitivity experiment=bn_sensitivity sensitivity.seeds=[929,1,2,3,4]` with
 `fuse=1` against the default `fuse=auto`, each in its own process, interleaved. It prints the
 command's wall time (Python's start and imports included) and the study's own seconds (its grid
-trained and tracked, then read back from the store and analysed).
+trained and tracked, then read back from the store and analysed); then a bound: the fused
+command with `tracking=none` plus the seconds MLflow's public API alone takes to write the same
+runs (each created, its params, metric points and tags in a `log_batch` each, and ended, into a
+fresh SQLite store), against `fuse=1`.
 
 `resnet8` (for a GPU: `--device cuda --only cnn16 resnet8`) is 8 ResNet-18s on CIFAR-10-sized
 random images (`dataset=synthetic_images`), 2 epochs, bf16 autocast (trainer.amp=auto on CUDA);
@@ -201,19 +204,113 @@ def engines(steps: int, repeats: int) -> None:
               f"{min(times['bmm']):.3f}-{max(times['bmm']):.3f})")
 
 
+def bare_fused(cfgs: list, built: bool) -> float:
+    """Seconds for the least an eager fused loop can do for the same work: the members' batches
+    (each its own order), the fused forward, backward and one SGD update of every member's
+    weights, and each epoch's evaluation (validation and training splits, eval mode), with no
+    schedule, checks, history, divergence test or per-member bookkeeping. A bound on what any
+    loop around these kernels reaches on this machine, not a way to train. `built`:
+    `member_parts` (each member's data, model and optimizer, as the fused trainer builds them)
+    outside the clock."""
+    start = time.perf_counter()
+    parts = member_parts(cfgs)
+    if built:
+        start = time.perf_counter()
+    model = LayerFusedModel([p.model for p in parts])
+    gens = [torch.Generator().manual_seed(cfg.seed) for cfg in cfgs]
+    lr = torch.tensor([[cfg.optimizer.lr] for cfg in cfgs])
+    x = torch.stack([p.data.x_train for p in parts])
+    y = torch.stack([p.data.y_train for p in parts])
+    xv = torch.stack([p.data.x_val for p in parts])
+    yv = torch.stack([p.data.y_val for p in parts])
+    t = cfgs[0].trainer
+    who = torch.arange(len(cfgs)).unsqueeze(1)
+    for _ in range(t.epochs):
+        perm = torch.stack([torch.randperm(x.shape[1], generator=g) for g in gens])
+        xe, ye = x[who, perm], y[who, perm]
+        for b in range(0, x.shape[1], t.batch_size):
+            out = model.forward(xe[:, b:b + t.batch_size], True)
+            loss = F.mse_loss(out, ye[:, b:b + t.batch_size], reduction="none").mean((1, 2))
+            grad = model.flat_grads(torch.autograd.grad(loss.sum(), model.params))
+            with torch.no_grad():
+                model.flat.sub_(grad * lr)
+        with torch.no_grad():
+            torch.cat([F.mse_loss(model.forward(xs, False), ys, reduction="none").mean((1, 2))
+                       for xs, ys in ((xv, yv), (x, y))]).tolist()
+    return time.perf_counter() - start
+
+
+def floor(name: str, repeats: int) -> None:
+    """Runs alone against `bare_fused`, interleaved, end to end and training only as above."""
+    members, bn = CASES[name]
+    cfgs = configs(members, bn)
+    out = tempfile.mkdtemp(prefix="bench-fused-")
+    for built in (False, True):
+        alone, bare = [], []
+        for _ in range(repeats):
+            alone.append(one_after_another(cfgs, out, built))
+            bare.append(bare_fused(cfgs, built))
+        ratios = sorted(a / b for a, b in zip(alone, bare, strict=True))
+        what = "training only" if built else "end to end   "
+        print(f"{name:6s} {members} members, bn={bn}, {what}, bare fused loop: one after "
+              f"another {statistics.median(alone):6.2f} s, bare {statistics.median(bare):5.2f} s "
+              f"({min(bare):.2f}-{max(bare):.2f}), ratio {statistics.median(ratios):5.1f} "
+              f"(paired, {ratios[0]:.1f}-{ratios[-1]:.1f}; {repeats} repeats)")
+
+
 STUDY_BN = [sys.executable, "-m", "sweep.sensitivity", "experiment=bn_sensitivity",
             "sensitivity.seeds=[929,1,2,3,4]"]
 
 
-def study_bn(fuse: str, folder: Path) -> tuple[float, float]:
+def study_bn(fuse: str, folder: Path, *extra: str) -> tuple[float, float]:
     """(the command's wall seconds, the study's own seconds) of `make study-bn`, 5 seeds."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
     start = time.perf_counter()
-    done = subprocess.run([*STUDY_BN, f"fuse={fuse}", f"hydra.run.dir={folder / 'out'}"],
+    done = subprocess.run([*STUDY_BN, f"fuse={fuse}", f"hydra.run.dir={folder / 'out'}", *extra],
                           cwd=folder, env=env, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - start
     own = float(re.search(r"(\d+) runs, (\d+) s;", done.stdout).group(2))
     return wall, own
+
+
+def mlflow_records(folder: Path) -> list[dict]:
+    """What the newest study in `folder`'s store wrote for each of its runs: params, metric
+    points, tags."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    parent = client.search_runs(ids, "attributes.run_name = 'bn_sensitivity'",
+                                order_by=["attributes.start_time DESC"], max_results=1)[0]
+    children = client.search_runs(ids, f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                  max_results=1000)
+    return [{"name": run.info.run_name, "params": run.data.params,
+             "tags": {k: v for k, v in run.data.tags.items() if not k.startswith("mlflow.")},
+             "metrics": [m for key in run.data.metrics
+                         for m in client.get_metric_history(run.info.run_id, key)]}
+            for run in children]
+
+
+def mlflow_alone(records: list[dict]) -> float:
+    """Seconds MLflow's public API takes to write these runs into a fresh SQLite store: each
+    run created, its params, metric points and tags in one `log_batch` each, and ended. What
+    tracking the study costs even if `sweep` itself cost nothing."""
+    import mlflow
+    from mlflow.entities import Param, RunTag
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-mlflow-"))
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.create_experiment("replay")  # the store's creation: outside the clock
+    start = time.perf_counter()
+    for record in records:
+        run = client.create_run(experiment, run_name=record["name"])
+        run_id = run.info.run_id
+        client.log_batch(run_id, params=[Param(k, v) for k, v in record["params"].items()])
+        for k in range(0, len(record["metrics"]), 1000):
+            client.log_batch(run_id, metrics=record["metrics"][k:k + 1000])
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+        client.set_terminated(run_id)
+    return time.perf_counter() - start
 
 
 def study_bn_ratio(repeats: int) -> None:
@@ -222,9 +319,13 @@ def study_bn_ratio(repeats: int) -> None:
     for fuse, folder in folders.items():
         study_bn(fuse, folder)  # creates the store (its migrations are a first run's alone)
     times: dict[str, list[tuple[float, float]]] = {"1": [], "auto": []}
+    untracked, tracking = [], []
+    records = mlflow_records(folders["auto"])
     for _ in range(repeats):
         for fuse, folder in folders.items():
             times[fuse].append(study_bn(fuse, folder))
+        untracked.append(study_bn("auto", folders["auto"], "tracking=none")[0])
+        tracking.append(mlflow_alone(records))
     for k, what in enumerate(("command (wall)", "study's own")):
         alone = [t[k] for t in times["1"]]
         fused_ = [t[k] for t in times["auto"]]
@@ -233,6 +334,16 @@ def study_bn_ratio(repeats: int) -> None:
               f"({min(alone):.1f}-{max(alone):.1f}), fuse=auto {statistics.median(fused_):5.1f} s "
               f"({min(fused_):.1f}-{max(fused_):.1f}), ratio {statistics.median(ratios):4.1f} "
               f"(paired, {ratios[0]:.1f}-{ratios[-1]:.1f}; {repeats} repeats)")
+    # A bound: the fused command untracked, plus MLflow's own writes of the same runs.
+    points = sum(len(r["metrics"]) for r in records)
+    bound = sorted(a[0] / (u + m) for a, u, m in zip(times["1"], untracked, tracking,
+                                                     strict=True))
+    print(f"make study-bn, fuse=auto, tracking=none: {statistics.median(untracked):.1f} s "
+          f"({min(untracked):.1f}-{max(untracked):.1f}); MLflow's public API alone writing the "
+          f"same {len(records)} runs ({points} metric points): {statistics.median(tracking):.1f} s "
+          f"({min(tracking):.1f}-{max(tracking):.1f}); so fused with tracking that cost nothing "
+          f"beyond MLflow's own calls: at most {statistics.median(bound):.1f}x "
+          f"({bound[0]:.1f}-{bound[-1]:.1f}) against fuse=1")
 
 
 def main() -> None:
@@ -242,6 +353,8 @@ def main() -> None:
     parser.add_argument("--engines", action="store_true", help="also vmap against bmm")
     parser.add_argument("--device", default="cpu", help="trainer.device of the CNN and ResNet "
                         "cases (cuda on a GPU machine, where GPU utilisation is printed too)")
+    parser.add_argument("--floor", action="store_true", help="also, for the MLP cases without "
+                        "BatchNorm, the engine's kernels in a bare loop (an upper bound)")
     parser.add_argument("--study-bn", action="store_true",
                         help="only `make study-bn` end to end, fuse=1 against fuse=auto")
     args = parser.parse_args()
@@ -295,6 +408,11 @@ def main() -> None:
                       f"({min(alone_load):.0f}-{max(alone_load):.0f}), fused "
                       f"{statistics.median(together_load):.0f}% "
                       f"({min(together_load):.0f}-{max(together_load):.0f})")
+    if args.floor:
+        torch.set_num_threads(1)
+        for name in args.only or CASES:
+            if CASES[name][1] == "none":
+                floor(name, args.repeats)
     if hasattr(os, "getloadavg"):
         print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
