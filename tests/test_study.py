@@ -1,6 +1,7 @@
 """`python -m sweep.study` on tiny real studies: storage, MLflow, resume, pruning, workers."""
 
 import math
+import os
 import shlex
 import signal
 import sqlite3
@@ -328,6 +329,26 @@ def test_ctrl_c_loses_only_the_running_trial(tmp_path):
     run_study([*argv, "study.epochs=2"])  # shorter, to finish quickly: only 2 more trials run
     trials = studies_in(tmp_path, schedules=["cosine"])["cosine"].trials
     assert [trial_state(t) for t in trials] == ["complete", "interrupted", "complete", "complete"]
+
+
+def test_ctrl_c_between_asking_and_training_leaves_no_trial_running(tmp_path):
+    # SIGINT right after a batch of trials is asked (SWEEP_INTERRUPT_AT=asked), before any is
+    # sampled: they end interrupted at once, so the next run takes their places without waiting
+    # out study.grace_period (60 s) for them.
+    argv = [*TINY_STUDY, "tracking=none", "study.plots=false", "study.schedules=[cosine]",
+            "study.trials=8", "study.seeds=[1]", f"study.output_dir={tmp_path}"]
+    command = [sys.executable, "-m", "sweep.study", *argv]
+    interrupted = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                                 timeout=300, env={**os.environ, "SWEEP_INTERRUPT_AT": "asked"})
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert "run the same command to resume" in interrupted.stderr
+    trials = studies_in(tmp_path, schedules=["cosine"])["cosine"].trials
+    assert [trial_state(t) for t in trials] == ["interrupted", "interrupted"]  # one batch: 8 // 4
+
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "waiting for" not in resumed.stdout, resumed.stdout
+    trials = studies_in(tmp_path, schedules=["cosine"])["cosine"].trials
+    assert sum(counts(t) for t in trials) == 8
 
 
 @pytest.mark.parametrize("overrides, message", [

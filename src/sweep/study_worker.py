@@ -87,6 +87,8 @@ class Worker:
         self.waiting_since: float | None = None
         self.number = worker_number(self.storage, plan.name)
         self.bases: dict[str, DictConfig] = {}
+        # The trials this process asked or claimed: on Ctrl-C those not yet told end at once.
+        self.held: list[tuple[optuna.Study, int]] = []
 
     # --- studies -------------------------------------------------------------------------------
 
@@ -109,9 +111,29 @@ class Worker:
         return self.bases[schedule]
 
     def run(self) -> None:
-        """Search, then confirm; returns when the storage holds nothing left to do."""
-        self.search()
-        self.confirm()
+        """Search, then confirm; returns when the storage holds nothing left to do.
+
+        On Ctrl-C every trial this process holds and has not told (asked and not yet sampled,
+        waiting for its fused group, claimed for confirmation) ends `interrupted` before the
+        process does, so the next run takes its place at once instead of after
+        `study.grace_period`.
+        """
+        try:
+            self.search()
+            self.confirm()
+        except KeyboardInterrupt:
+            self.let_go()
+            raise
+
+    def let_go(self) -> None:
+        for study, number in self.held:
+            tid = trial_id(self.storage, study, number)
+            try:
+                if self.storage.get_trial(tid).state == TrialState.RUNNING:
+                    self.storage.set_trial_user_attr(tid, "state", "interrupted")
+                    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+            except Finished:
+                continue  # told meanwhile, or declared dead elsewhere
 
     def wait(self, studies: list[optuna.Study]) -> None:
         """Sleep while other processes' trials run; say so every half minute."""
@@ -166,11 +188,14 @@ class Worker:
         trials: list[optuna.Trial] = []
         while len(trials) < size and used_budget(study) < budget:
             trial = ask(study)
+            self.held.append((study, trial.number))
             if used_budget(study, before=trial.number) >= budget:
                 trial.set_user_attr("state", "surplus")
                 study.tell(trial, state=TrialState.FAIL)
                 break
             trials.append(trial)
+        if trials:
+            faults.point("asked")
         return trials
 
     def run_trials(self, study: optuna.Study, trials: list[optuna.Trial], schedule: str) -> None:
@@ -337,6 +362,7 @@ class Worker:
             for name, study in studies.items():
                 while len(batch) < size and (
                         item := claim(self.storage, study, self.liveness)) is not None:
+                    self.held.append((study, item.number))
                     if is_duplicate(study, item):
                         self.fail_item(study, item, "duplicate")
                         continue
