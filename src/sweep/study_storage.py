@@ -154,7 +154,10 @@ class Liveness:
         if self.rdb:
             self.storage.record_heartbeat(tid)
         if first or not self.rdb:
-            self.storage.set_trial_system_attr(tid, BEAT, time.time())
+            try:
+                self.storage.set_trial_system_attr(tid, BEAT, time.time())
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # declared dead elsewhere meanwhile: its worker finds out at its next write
 
     @contextmanager
     def heartbeat(self, *tids: int) -> Iterator[None]:

@@ -300,9 +300,12 @@ class Worker:
                  "optuna.study": plan.study_name(schedule), "optuna.trial": str(trial.number)}
                 for trial, _ in members]
         with member_runs(cfgs, names, tags, plan.parent_run_id) as trackers:
-            for (trial, _), tracker in zip(members, trackers, strict=True):
+            for k, ((trial, _), tracker) in enumerate(zip(members, trackers, strict=True)):
                 if tracker is not None:
-                    trial.set_user_attr("mlflow_run_id", tracker.run_id)
+                    try:
+                        trial.set_user_attr("mlflow_run_id", tracker.run_id)
+                    except Finished:
+                        taken[k] = True
             try:
                 results = fused.train_group(
                     cfgs, callbacks=[reporter(k, trial) for k, (trial, _) in enumerate(members)],
@@ -376,10 +379,13 @@ class Worker:
                 return
             self.wait(list(studies.values()))
 
-    def fail_item(self, study: optuna.Study, item: FrozenTrial, why: str) -> None:
+    def fail_item(self, study: optuna.Study, item: FrozenTrial, why: str,
+                  error: str | None = None) -> None:
+        tid = trial_id(self.storage, study, item.number)
         try:
-            self.storage.set_trial_user_attr(trial_id(self.storage, study, item.number), "state",
-                                             why)
+            if error is not None:
+                self.storage.set_trial_user_attr(tid, "error", error)
+            self.storage.set_trial_user_attr(tid, "state", why)
             study.tell(item.number, state=TrialState.FAIL)
         except Finished:
             pass  # declared dead elsewhere meanwhile: already failed there
@@ -407,24 +413,28 @@ class Worker:
         tags = [{"role": "confirm", "study": plan.name, "schedule": schedule, "seed": str(seed),
                  "optuna.trial": str(item.user_attrs["best_trial"])}
                 for (_, item, schedule), seed in zip(items, seeds, strict=True)]
+        taken = [False] * len(items)  # declared dead elsewhere while here
         try:
             with member_runs(cfgs, names, tags, plan.parent_run_id) as trackers:
-                for tracker, tid in zip(trackers, tids, strict=True):
+                for k, (tracker, tid) in enumerate(zip(trackers, tids, strict=True)):
                     if tracker is not None:
-                        self.storage.set_trial_user_attr(tid, "mlflow_run_id", tracker.run_id)
+                        try:
+                            self.storage.set_trial_user_attr(tid, "mlflow_run_id", tracker.run_id)
+                        except Finished:
+                            taken[k] = True
                 results = fused.train_group(cfgs, trackers=trackers,
                                             output_dirs=[plan.out_dir / "runs" / n for n in names])
-                records, values, taken = [], [], []
-                for result, seed, tid in zip(results, seeds, tids, strict=True):
+                records, values = [], []
+                for k, (result, seed, tid) in enumerate(zip(results, seeds, tids, strict=True)):
                     record = confirmation_record(result, seed)
                     value = record["final"] if math.isfinite(record["final"]) else (
                         -math.inf if plan.direction == "maximize" else math.inf)
                     try:
-                        self.storage.set_trial_user_attr(tid, "outcome", {
-                            "state": "complete", "value": value, "record": record})
-                        taken.append(False)
+                        if not taken[k]:
+                            self.storage.set_trial_user_attr(tid, "outcome", {
+                                "state": "complete", "value": value, "record": record})
                     except Finished:
-                        taken.append(True)
+                        taken[k] = True
                     records.append(record)
                     values.append(value)
                 faults.point("confirm")
@@ -436,9 +446,8 @@ class Worker:
                             tracker.ended_as = "KILLED"
         except BaseException as err:
             state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
-            for (study, item, schedule), seed, tid in zip(items, seeds, tids, strict=True):
-                self.storage.set_trial_user_attr(tid, "error", f"{type(err).__name__}: {err}")
-                self.fail_item(study, item, state)
+            for (study, item, schedule), seed in zip(items, seeds, strict=True):
+                self.fail_item(study, item, state, f"{type(err).__name__}: {err}")
                 print(f"  {schedule:<12} seed {seed:<4} {state}: {type(err).__name__}: {err}",
                       flush=True)
             if isinstance(err, KeyboardInterrupt):
