@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one call of a lent GPU machine (no registry there): the CUDA tests
-# (tests/test_gpu.py: AMP bf16/fp16, DataLoader, resume, fused CNNs and ResNet-18s) and the fused
-# benchmark on CUDA (16 digits CNNs, 8 ResNet-18s; GPU utilisation of each). The machine's own
+# (tests/test_gpu.py: AMP bf16/fp16, DataLoader, resume, fused CNNs, ResNet-18s and fp16 MLPs)
+# and the fused benchmark on CUDA (16 digits CNNs, 8 ResNet-18s; GPU utilisation of each). The machine's own
 # torch is used; the pure-Python packages it lacks travel as wheels in .whl/ (hydra-core,
 # omegaconf, antlr4-python3-runtime; see docs/benchmarks.md). Logs go to $OUT (or ./gpu-logs).
 set -o pipefail

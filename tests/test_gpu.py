@@ -116,3 +116,29 @@ def test_fused_resnets_on_cuda_each_train_as_alone_in_their_first_epoch(tmp_path
         assert f.lr_trace == a.lr_trace
         assert f.history[0]["train_loss"] == pytest.approx(a.history[0]["train_loss"], rel=rel)
         assert f.status == a.status == "completed"  # each learned: not `stalled`
+
+
+def test_fused_fp16_members_on_cuda_each_skip_the_steps_their_run_alone_skips(tmp_path):
+    # As tests/test_fused.py's fp16 test on the CPU: targets of order 1e4 overflow the first
+    # scaled gradients; fused, each member has its own loss scale, skips the steps its run alone
+    # skips (the largest lr the most) and applies its run alone's lrs, while the others step.
+    from sweep.fused import fusable, train_fused
+
+    per_step = ["scheduler=step", "scheduler.interval=step", "scheduler.step_size=1",
+                "scheduler.gamma=0.9"]
+    base = ["model=mlp", "dataset=synthetic_regression",
+            "dataset.weights=[2000,-1000,3000,1000,2000]", "optimizer=sgd",
+            "optimizer.momentum=0.9", "trainer.batch_size=50", "trainer.epochs=3",
+            "trainer.amp=fp16", "trainer.device=cuda", "trainer.progress=false", "tracking=none"]
+    cfgs = [compose([*base, *member]) for member in (
+        ["seed=1", "optimizer.lr=1e-6", *per_step],
+        ["seed=2", "optimizer.lr=1e-5"],
+        ["seed=3", "optimizer.lr=1e-4", "scheduler=cosine_warmup"])]
+    assert fusable(cfgs)[0] == [[0, 1, 2]]
+    alone = [train(cfg, output_dir=tmp_path / str(i)) for i, cfg in enumerate(cfgs)]
+    fused = train_fused(cfgs)
+    for a, f in zip(alone, fused, strict=True):
+        assert f.skipped_steps == a.skipped_steps >= 1
+        assert f.lr_trace == a.lr_trace
+        assert f.history[0]["train_loss"] == pytest.approx(a.history[0]["train_loss"], rel=1e-2)
+    assert alone[2].skipped_steps > alone[0].skipped_steps  # each its own scaler
