@@ -324,13 +324,13 @@ class Worker:
                 if result.status == "diverged" or not math.isfinite(value):
                     state, value = "diverged", diverged_value(study, plan.metric, result.history)
                 try:
-                    if lost:
-                        raise Finished
                     # The result reaches the storage before anything else can be interrupted: a
                     # worker killed from here on is recovered from it, not trained again.
-                    trial.set_user_attr("outcome", {"state": state, "value": value})
+                    if not lost:
+                        trial.set_user_attr("outcome", {"state": state, "value": value})
                 except Finished:
-                    state = TAKEN_OVER
+                    lost = True
+                state = TAKEN_OVER if lost else state
                 outcomes.append((value, state, len(result.history)))
             faults.point("after_train")
             for tracker, result, (value, state, _) in zip(trackers, results, outcomes,
@@ -458,11 +458,12 @@ class Worker:
         for (study, item, schedule), tid, result, record, value, lost in zip(
                 items, tids, results, records, values, taken, strict=True):
             try:
-                if lost:
-                    raise Finished
-                self.storage.set_trial_user_attr(tid, "state", "complete")
-                study.tell(item.number, value)
+                if not lost:
+                    self.storage.set_trial_user_attr(tid, "state", "complete")
+                    study.tell(item.number, value)
             except Finished:
+                lost = True
+            if lost:
                 print(f"  {schedule:<12} seed {record['seed']:<4} {TAKEN_OVER}: "
                       f"{TAKEN_OVER_NOTE}", flush=True)
                 continue
