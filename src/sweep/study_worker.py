@@ -87,7 +87,8 @@ class Worker:
         self.waiting_since: float | None = None
         self.number = worker_number(self.storage, plan.name)
         self.bases: dict[str, DictConfig] = {}
-        # The trials this process asked or claimed: on Ctrl-C those not yet told end at once.
+        # The batch of trials this process asked or claimed last (every earlier batch is told):
+        # on Ctrl-C those not yet told end at once.
         self.held: list[tuple[optuna.Study, int]] = []
 
     # --- studies -------------------------------------------------------------------------------
@@ -186,6 +187,7 @@ class Worker:
         trials, and the higher number gives its trial up before sampling anything.
         """
         trials: list[optuna.Trial] = []
+        self.held = []
         while len(trials) < size and used_budget(study) < budget:
             trial = ask(study)
             self.held.append((study, trial.number))
@@ -362,6 +364,7 @@ class Worker:
             # Up to `fuse` items, across the schedules: one model, each its own schedule and seed,
             # so they train fused (`sweep.fused`).
             batch: list[tuple[optuna.Study, FrozenTrial, str]] = []
+            self.held = []
             for name, study in studies.items():
                 while len(batch) < size and (
                         item := claim(self.storage, study, self.liveness)) is not None:
