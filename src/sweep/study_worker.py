@@ -62,6 +62,8 @@ SEARCH_ROUNDS = 4
 # A trial another process declared dead while this one still ran it: its heartbeat missed the
 # grace period (a stalled machine or storage). That process kept the trial's recorded outcome or
 # queued it again (`OnStale`); this one lets it go instead of crashing on the finished trial.
+# Its writes raise `Finished` then; its tells skip a finished trial (`study.tell` would raise
+# ValueError if the trial ended between the write and the tell).
 TAKEN_OVER = "taken over"
 TAKEN_OVER_NOTE = ("declared dead by another process meanwhile (no heartbeat within "
                    "study.grace_period): the storage keeps its recorded result or runs it again")
@@ -128,13 +130,9 @@ class Worker:
 
     def let_go(self) -> None:
         for study, number in self.held:
-            tid = trial_id(self.storage, study, number)
-            try:
-                if self.storage.get_trial(tid).state == TrialState.RUNNING:
-                    self.storage.set_trial_user_attr(tid, "state", "interrupted")
-                    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
-            except Finished:
-                continue  # told meanwhile, or declared dead elsewhere
+            if self.storage.get_trial(trial_id(self.storage, study, number)).state == (
+                    TrialState.RUNNING):
+                self.fail_item(study, number, "interrupted")
 
     def wait(self, studies: list[optuna.Study]) -> None:
         """Sleep while other processes' trials run; say so every half minute."""
@@ -173,7 +171,7 @@ class Worker:
                     print(progress.line(studies, plan.budget), flush=True)
                     worked = True
                 while (queued := claim(self.storage, study)) is not None:
-                    self.fail_item(study, queued, "surplus")  # a retry past the budget
+                    self.fail_item(study, queued.number, "surplus")  # a retry past the budget
                 busy |= bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
             if not busy:
                 return
@@ -244,9 +242,10 @@ class Worker:
                         if state != TAKEN_OVER:
                             trial.set_user_attr("state", state)
                             if state == "pruned":
-                                study.tell(trial, state=TrialState.PRUNED)
+                                study.tell(trial, state=TrialState.PRUNED,
+                                           skip_if_finished=True)
                             else:
-                                study.tell(trial, value)
+                                study.tell(trial, value, skip_if_finished=True)
                     except Finished:
                         state = TAKEN_OVER
                     if state == TAKEN_OVER:
@@ -260,7 +259,7 @@ class Worker:
         try:
             trial.set_user_attr("state", state)
             trial.set_user_attr("error", note[:2000])
-            study.tell(trial, state=TrialState.FAIL)
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         except Finished:
             state, note = TAKEN_OVER, f"{note}; {TAKEN_OVER_NOTE}"
         say(schedule, trial.number, state, None, values, self.plan.metric, started, note)
@@ -370,7 +369,7 @@ class Worker:
                         item := claim(self.storage, study, self.liveness)) is not None:
                     self.held.append((study, item.number))
                     if is_duplicate(study, item):
-                        self.fail_item(study, item, "duplicate")
+                        self.fail_item(study, item.number, "duplicate")
                         continue
                     batch.append((study, item, name))
             if batch:
@@ -382,16 +381,17 @@ class Worker:
                 return
             self.wait(list(studies.values()))
 
-    def fail_item(self, study: optuna.Study, item: FrozenTrial, why: str,
+    def fail_item(self, study: optuna.Study, number: int, why: str,
                   error: str | None = None) -> None:
-        tid = trial_id(self.storage, study, item.number)
+        """End trial `number` FAIL, saying why (and the error), unless it has ended already."""
+        tid = trial_id(self.storage, study, number)
         try:
             if error is not None:
                 self.storage.set_trial_user_attr(tid, "error", error)
             self.storage.set_trial_user_attr(tid, "state", why)
-            study.tell(item.number, state=TrialState.FAIL)
+            study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         except Finished:
-            pass  # declared dead elsewhere meanwhile: already failed there
+            pass  # told meanwhile, or declared dead elsewhere: already ended there
 
     def run_confirmations(self, batch: list[tuple[optuna.Study, FrozenTrial, str]]) -> None:
         """Train the claimed items (each schedule's best configuration with one seed), as
@@ -450,7 +450,7 @@ class Worker:
         except BaseException as err:
             state = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
             for (study, item, schedule), seed in zip(items, seeds, strict=True):
-                self.fail_item(study, item, state, f"{type(err).__name__}: {err}")
+                self.fail_item(study, item.number, state, f"{type(err).__name__}: {err}")
                 print(f"  {schedule:<12} seed {seed:<4} {state}: {type(err).__name__}: {err}",
                       flush=True)
             if isinstance(err, KeyboardInterrupt):
@@ -463,7 +463,7 @@ class Worker:
             try:
                 if not lost:
                     self.storage.set_trial_user_attr(tid, "state", "complete")
-                    study.tell(item.number, value)
+                    study.tell(item.number, value, skip_if_finished=True)
             except Finished:
                 lost = True
             if lost:
